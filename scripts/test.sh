@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: sets up what is missing, then ruff, mypy and the whole test suite
+# (real pebble, real Apache, both certbots). Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh >/dev/null || { echo "setup failed"; exit 1; }
+export CERTBOT_BATCH_VENV_PYPI="$PWD/.venv-pypi" CERTBOT_BATCH_VENV_DEB="$PWD/.venv-deb"
+status=0
+echo "== ruff";  .venv-pypi/bin/ruff check src tests benchmarks scripts || status=1
+echo "== mypy";  .venv-pypi/bin/mypy || status=1
+echo "== pytest"
+.venv-pypi/bin/python -m pytest -q -ra "$@"
+rc=$?
+# pytest exit 5 = no tests collected: that is a failure here, not a pass.
+[ $rc -eq 0 ] || status=1
+exit $status

@@ -1,0 +1,1 @@
+"""Challenge provisioning: files on disk, a crash-safe journal, batching across lineages."""

@@ -1,0 +1,91 @@
+"""Write-ahead journal of provisioned challenge files and created directories.
+
+Every path is journaled (and fsynced) *before* it is created, so a run killed at any
+point (even SIGKILL) leaves a record from which the next run removes the leftovers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Iterable
+
+logger = logging.getLogger(__name__)
+
+
+class Journal:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, paths: Iterable[str]) -> None:
+        lines = "".join(json.dumps({"kind": kind, "path": p}) + "\n" for p in paths)
+        if not lines:
+            return
+        with self._lock:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def entries(self) -> list[tuple[str, str]]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                raw = fh.readlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in raw:
+            try:
+                item = json.loads(line)
+                out.append((str(item["kind"]), str(item["path"])))
+            except (ValueError, KeyError, TypeError):
+                # A torn last line after a crash: the entries before it still count.
+                continue
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def recover(self) -> int:
+        """Remove everything a previous (interrupted) run left behind. Returns count removed."""
+        entries = self.entries()
+        if not entries:
+            self.clear()
+            return 0
+        removed = remove_paths(entries)
+        if removed:
+            logger.warning("certbot-batch: removed %d challenge file(s)/dir(s) left behind by "
+                           "an interrupted run (journal %s)", removed, self.path)
+        self.clear()
+        return removed
+
+
+def remove_paths(entries: list[tuple[str, str]]) -> int:
+    removed = 0
+    for kind, path in entries:
+        if kind == "file":
+            try:
+                os.remove(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.warning("Could not remove challenge file %s: %s", path, exc)
+    # Deepest directories first; only ones we created, and only if empty.
+    dirs = sorted({p for k, p in entries if k == "dir"}, key=len, reverse=True)
+    for path in dirs:
+        try:
+            os.rmdir(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError:
+            logger.info("Challenge directory %s is not empty; left in place", path)
+    return removed

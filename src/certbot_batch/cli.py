@@ -1,0 +1,194 @@
+"""``certbot-batch``: the status of every lineage as the renewal engine last saw it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+from certbot_batch import paths
+from certbot_batch.scan.engine import fmt_time
+from certbot_batch.scan.state import LineageState, StateDB
+
+EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
+
+
+class _Dirs:
+    def __init__(self, config_dir: str, work_dir: str) -> None:
+        self.config_dir = config_dir
+        self.work_dir = work_dir
+
+
+def _lineage_names(config_dir: str) -> list[str]:
+    renewal = os.path.join(config_dir, "renewal")
+    try:
+        return sorted(e[:-5] for e in os.listdir(renewal) if e.endswith(".conf"))
+    except FileNotFoundError:
+        return []
+
+
+def _attention(state: Optional[LineageState], now: float) -> Optional[str]:
+    if state is None:
+        return "not scanned yet"
+    if state.not_after is not None and state.not_after <= now:
+        return "expired"
+    if state.due:
+        return "overdue"
+    if state.last_error:
+        return "failing"
+    return None
+
+
+def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]:
+    if state is None:
+        return {"lineage": name, "names": [], "not_after": None, "ari_window": None,
+                "chosen_time": None, "due": None, "reason": "not scanned yet",
+                "next_check": None, "failures": 0, "last_error": None,
+                "attention": "not scanned yet"}
+    return {
+        "lineage": name,
+        "names": state.names.split(),
+        "serial": state.serial,
+        "not_after": fmt_time(state.not_after) if state.not_after else None,
+        "ari_window": ([fmt_time(state.window_start), fmt_time(state.window_end)]
+                       if state.window_start is not None else None),
+        "chosen_time": fmt_time(state.chosen_time) if state.chosen_time else None,
+        "due": state.due,
+        "reason": state.reason,
+        "next_check": fmt_time(state.next_check) if state.next_check else None,
+        "ocsp_status": state.ocsp_status,
+        "failures": state.failures,
+        "last_error": state.last_error,
+        "last_scan": fmt_time(state.last_scan) if state.last_scan else None,
+        "attention": _attention(state, now),
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    headers = ["lineage", "names", "notAfter", "ARI window", "chosen time", "due?",
+               "next check", "last error"]
+    body = []
+    for r in rows:
+        window = " .. ".join(r["ari_window"]) if r.get("ari_window") else "-"
+        due = "?" if r["due"] is None else ("DUE" if r["due"] else "no")
+        names = " ".join(r["names"]) or "-"
+        if len(names) > 40:
+            names = names[:37] + "..."
+        body.append([r["lineage"], names, r["not_after"] or "-", window,
+                     r["chosen_time"] or "-", due, r["next_check"] or "-",
+                     (r["last_error"] or r.get("attention") or "-")[:120]])
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)] if body else \
+        [len(h) for h in headers]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in body]
+    return "\n".join(lines)
+
+
+def _prometheus(rows: list[dict[str, Any]], states: dict[str, LineageState],
+                now: float) -> str:
+    out = [
+        "# HELP certbot_batch_cert_not_after_seconds Expiry of the lineage's certificate.",
+        "# TYPE certbot_batch_cert_not_after_seconds gauge",
+    ]
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    gauges: dict[str, list[str]] = {"not_after": [], "due": [], "failures": [], "chosen": []}
+    for r in rows:
+        st = states.get(r["lineage"])
+        label = f'lineage="{esc(r["lineage"])}"'
+        if st is not None and st.not_after is not None:
+            gauges["not_after"].append(
+                f"certbot_batch_cert_not_after_seconds{{{label}}} {st.not_after:.0f}")
+        gauges["due"].append(f"certbot_batch_lineage_due{{{label}}} {1 if r['due'] else 0}")
+        gauges["failures"].append(
+            f"certbot_batch_lineage_check_failures{{{label}}} {r['failures']}")
+        if st is not None and st.chosen_time is not None:
+            gauges["chosen"].append(
+                f"certbot_batch_ari_renewal_time_seconds{{{label}}} {st.chosen_time:.0f}")
+    out += gauges["not_after"]
+    out += ["# HELP certbot_batch_lineage_due 1 when the lineage is due (or overdue).",
+            "# TYPE certbot_batch_lineage_due gauge"] + gauges["due"]
+    out += ["# HELP certbot_batch_lineage_check_failures Consecutive ARI/OCSP failures.",
+            "# TYPE certbot_batch_lineage_check_failures gauge"] + gauges["failures"]
+    out += ["# HELP certbot_batch_ari_renewal_time_seconds Renewal time chosen in the ARI "
+            "window.", "# TYPE certbot_batch_ari_renewal_time_seconds gauge"] + gauges["chosen"]
+    attention = sum(1 for r in rows if r["attention"])
+    out += ["# HELP certbot_batch_lineages_needing_attention Overdue, expired, failing or "
+            "unscanned lineages.", "# TYPE certbot_batch_lineages_needing_attention gauge",
+            f"certbot_batch_lineages_needing_attention {attention}",
+            "# HELP certbot_batch_status_generated_seconds When this file was written.",
+            "# TYPE certbot_batch_status_generated_seconds gauge",
+            f"certbot_batch_status_generated_seconds {now:.0f}"]
+    return "\n".join(out) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    # node_exporter may read the file at any moment: never let it see half a file.
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".certbot-batch-", suffix=".prom")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def status(args: argparse.Namespace) -> int:
+    dirs = _Dirs(args.config_dir, args.work_dir)
+    db_path = paths.state_db_path(dirs)
+    names = _lineage_names(args.config_dir)
+    if args.cert_name:
+        names = [n for n in names if n in args.cert_name]
+    states: dict[str, LineageState] = {}
+    if os.path.exists(db_path):
+        try:
+            db = StateDB(db_path, readonly=True)
+            states = db.load_all()
+            db.close()
+        except sqlite3.Error as exc:
+            print(f"certbot-batch: cannot read the state database {db_path} ({exc}); the "
+                  "next `certbot renew` run rebuilds it.", file=sys.stderr)
+            return EXIT_ERROR
+    elif not args.quiet:
+        print(f"certbot-batch: no state database yet at {db_path}; run `certbot renew` with "
+              "a batch plugin (or --batch-engine) once.", file=sys.stderr)
+    now = time.time()
+    rows = [_row(n, states.get(n), now) for n in names]
+    if args.json:
+        print(json.dumps({"generated": fmt_time(now), "lineages": rows}, indent=2))
+    elif not args.quiet:
+        print(_table(rows))
+        attention = [r for r in rows if r["attention"]]
+        due = sum(1 for r in rows if r["due"])
+        print(f"\n{len(rows)} lineage(s), {due} due, {len(attention)} needing attention")
+    if args.prometheus:
+        _write_atomic(args.prometheus, _prometheus(rows, states, now))
+    return EXIT_ATTENTION if any(r["attention"] for r in rows) else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="certbot-batch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("status", help="show the renewal status of every lineage")
+    st.add_argument("--config-dir", default="/etc/letsencrypt")
+    st.add_argument("--work-dir", default="/var/lib/letsencrypt")
+    st.add_argument("--cert-name", action="append", default=None,
+                    help="only this lineage (repeatable)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--prometheus", metavar="FILE",
+                    help="also write node_exporter textfile metrics to FILE")
+    st.add_argument("-q", "--quiet", action="store_true", help="no table; exit code only")
+    st.set_defaults(func=status)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

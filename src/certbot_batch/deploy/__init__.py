@@ -1,0 +1,1 @@
+"""Deployment: Apache reloads deferred to one per run, batched deploy hooks."""

@@ -1,0 +1,136 @@
+"""``batch-apache``: Apache installer (and http-01 authenticator) for many lineages per run.
+
+Editing Apache's configuration is delegated to certbot's own Apache plugin (so behaviour and
+saved settings, ``apache_*`` in renewal confs, are the same), but:
+
+* the Augeas parse only happens when a configuration edit is actually needed, and at most
+  once per run (renewals of vhosts that already point at ``live/`` need none);
+* inside a batch renewal session ``restart()`` only records that a reload is due; the session
+  does one configtest and one graceful reload at the end of the run.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from typing import Any, Callable, Iterable, Optional
+
+from acme import challenges
+from certbot import errors
+from certbot.achallenges import AnnotatedChallenge
+from certbot.plugins import common
+
+from certbot_batch import _certbot  # noqa: F401  (wires the renewal engine into certbot)
+from certbot_batch.deploy import apachectl, reload
+
+logger = logging.getLogger(__name__)
+
+_NOT_INSTALLED = ("certbot's Apache plugin is not installed, and batch-apache edits Apache's "
+                  "configuration through it. Install it: pip install 'certbot-batch[apache]' "
+                  "(PyPI certbot) or apt-get install python3-certbot-apache (Debian).")
+
+
+def stock_apache_class() -> Any:
+    """certbot's Apache configurator, found through its public plugin entry point."""
+    for ep in importlib.metadata.entry_points(group="certbot.plugins"):
+        if ep.name == "apache":
+            try:
+                return ep.load()
+            except Exception as exc:  # a broken optional dependency (augeas) must not crash
+                raise errors.NoInstallationError(f"{_NOT_INSTALLED} ({exc})") from exc
+    raise errors.NoInstallationError(_NOT_INSTALLED)
+
+
+class BatchApacheConfigurator(common.Configurator):
+    """Apache installer + http-01 authenticator with one reload per run."""
+
+    description = ("Apache installer for many lineages: one configtest and one graceful "
+                   "reload per renewal run, config parsed at most once (certbot-batch).")
+
+    @classmethod
+    def add_parser_arguments(cls, add: Callable[..., None]) -> None:
+        # Apache settings are certbot's own --apache-* options (and saved apache_* values).
+        pass
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._delegate: Optional[Any] = None
+
+    # -- helpers ----------------------------------------------------------------------
+    def ctl(self) -> str:
+        return str(getattr(self.config, "apache_ctl", None) or "apache2ctl")
+
+    def delegate(self) -> Any:
+        """certbot's Apache configurator, prepared (Augeas parse) on first use only."""
+        if self._delegate is None:
+            shared = reload.shared_delegate(self.config)
+            if shared is not None:
+                self._delegate = shared
+            else:
+                cls = stock_apache_class()
+                delegate = cls(config=self.config, name="apache")
+                delegate.prepare()
+                reload.remember_delegate(self.config, delegate)
+                self._delegate = delegate
+        return self._delegate
+
+    # -- Plugin -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        # Cheap checks only: the parse is deferred until an edit is really needed.
+        apachectl.find_ctl(self.ctl())
+        stock_apache_class()
+
+    def more_info(self) -> str:
+        return ("Deploys certificates to Apache through certbot's Apache plugin, with one "
+                "configtest and one graceful reload per renewal run.")
+
+    # -- Installer --------------------------------------------------------------------
+    def get_all_names(self) -> Iterable[str]:
+        return set(self.delegate().get_all_names())
+
+    def deploy_cert(self, domain: str, cert_path: str, key_path: str, chain_path: str,
+                    fullchain_path: str) -> None:
+        if reload.already_deployed(self.config, domain, cert_path, key_path, fullchain_path):
+            logger.debug("Apache already serves %s from %s; no edit needed",
+                         domain, fullchain_path)
+            return
+        self.delegate().deploy_cert(domain, cert_path, key_path, chain_path, fullchain_path)
+        reload.mark_edited(self.config)
+
+    def enhance(self, domain: str, enhancement: str,
+                options: Optional[Any] = None) -> None:
+        self.delegate().enhance(domain, enhancement, options)
+        reload.mark_edited(self.config)
+
+    def supported_enhancements(self) -> list[str]:
+        return list(self.delegate().supported_enhancements())
+
+    def save(self, title: Optional[str] = None, temporary: bool = False) -> None:
+        if self._delegate is not None:
+            self._delegate.save(title, temporary)
+
+    def rollback_checkpoints(self, rollback: int = 1) -> None:
+        self.delegate().rollback_checkpoints(rollback)
+
+    def recovery_routine(self) -> None:
+        if self._delegate is not None:
+            self._delegate.recovery_routine()
+
+    def config_test(self) -> None:
+        apachectl.configtest(self.ctl())
+
+    def restart(self) -> None:
+        if reload.defer_reload(self.config, self):
+            logger.info("Apache reload deferred to the end of the run (certbot-batch)")
+            return
+        self.config_test()
+        apachectl.graceful(self.ctl())
+
+    # -- Authenticator ----------------------------------------------------------------
+    def get_chall_pref(self, identifier: str) -> Iterable[type[challenges.Challenge]]:
+        return [challenges.HTTP01]
+
+    def perform(self, achalls: list[AnnotatedChallenge]) -> list[challenges.ChallengeResponse]:
+        return list(self.delegate().perform(achalls))
+
+    def cleanup(self, achalls: list[AnnotatedChallenge]) -> None:
+        self.delegate().cleanup(achalls)

@@ -1,0 +1,1 @@
+"""Renewal status scan: ARI (RFC 9773) first, OCSP fallback, certbot's expiry rules last."""

@@ -1,0 +1,417 @@
+"""The parallel renewal status scan: which lineages are due, decided for all at once.
+
+Per lineage: read the renewal conf and the certificate only when they changed since the
+last run (state in SQLite), ask the CA's ARI endpoint (in a bounded thread pool, per-CA rate
+limited) only when the stored Retry-After has passed, fall back to OCSP only for certs that
+have an OCSP URL and no ARI answer, then apply certbot's own rules. See docs/decisions.md
+for every deliberate difference from certbot's ``should_renew``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import logging
+import os
+import random
+import re
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from cryptography import x509
+
+from certbot_batch.scan import ari, ocsp, ratelimit
+from certbot_batch.scan.state import LineageState, StateDB
+
+logger = logging.getLogger(__name__)
+
+UTC = datetime.timezone.utc
+DEFAULT_RETRY = 6 * 3600.0
+MAX_BACKOFF = 6 * 3600.0
+# A certificate this close to expiry renews whatever ARI says (a CA's window can be wrong).
+EXPIRY_SAFETY = 24 * 3600.0
+
+
+@dataclasses.dataclass
+class ScanSettings:
+    workers: int = 32
+    ari_rate: float = 500.0
+    timeout: float = 10.0
+    force: bool = False
+    dry_run: bool = False
+    user_agent: str = "certbot-batch"
+    progress: bool = False
+    rng: Optional[random.Random] = None
+
+
+@dataclasses.dataclass
+class ScanReport:
+    states: list[LineageState]
+    broken: dict[str, str]          # lineage -> error, lineages certbot must report itself
+    ari_requests: int = 0
+    ocsp_requests: int = 0
+    elapsed: float = 0.0
+
+    def by_name(self) -> dict[str, LineageState]:
+        return {s.name: s for s in self.states}
+
+    @property
+    def due(self) -> list[LineageState]:
+        return [s for s in self.states if s.due]
+
+    @property
+    def not_due(self) -> list[LineageState]:
+        return [s for s in self.states if not s.due and s.name not in self.broken]
+
+
+def _ts(dt: datetime.datetime) -> float:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _cert_time(cert: x509.Certificate, attr: str) -> float:
+    value = getattr(cert, attr + "_utc", None)
+    if value is None:
+        value = getattr(cert, attr)
+    return _ts(value)
+
+
+def fmt_time(ts: Optional[float]) -> str:
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_UNITS = {"": 86400, "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+          "h": 3600, "hour": 3600, "d": 86400, "day": 86400, "w": 604800, "week": 604800,
+          "month": 30 * 86400, "mon": 30 * 86400, "y": 365 * 86400, "year": 365 * 86400}
+
+
+def parse_interval(text: str) -> Optional[float]:
+    """certbot's renew_before_expiry ("30 days", "2 weeks", "12 hours"), in seconds."""
+    m = _INTERVAL.match(text)
+    if not m:
+        return None
+    unit = m.group(2).lower()
+    if unit.endswith("s") and unit[:-1] in _UNITS:
+        unit = unit[:-1]
+    if unit not in _UNITS:
+        return None
+    return float(m.group(1)) * _UNITS[unit]
+
+
+def _conf_value(conf: Any, key: str) -> Optional[str]:
+    value = conf.get(key)
+    if value is None or value == "None":
+        return None
+    return str(value)
+
+
+def read_conf(state: LineageState, path: str) -> None:
+    """Fields of the renewal conf the decision needs (configobj, as certbot)."""
+    import configobj
+
+    try:
+        conf = configobj.ConfigObj(path, encoding="utf-8", default_encoding="utf-8",
+                                   file_error=True)
+    except (configobj.ConfigObjError, OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"renewal conf {path} cannot be parsed: {exc}") from exc
+    params = conf.get("renewalparams")
+    if not isinstance(params, dict):
+        raise ValueError(f"renewal conf {path} has no [renewalparams] section")
+    cert = _conf_value(conf, "cert")
+    if not cert:
+        raise ValueError(f"renewal conf {path} names no 'cert' file")
+    state.cert_path = cert
+    state.chain_path = _conf_value(conf, "chain")
+    state.server = _conf_value(params, "server")
+    state.authenticator = _conf_value(params, "authenticator")
+    state.installer = _conf_value(params, "installer")
+    autorenew = _conf_value(conf, "autorenew")
+    state.autorenew = not (autorenew is not None and autorenew.lower() == "false")
+    state.renew_before_expiry = _conf_value(conf, "renew_before_expiry")
+
+
+def read_cert(state: LineageState) -> x509.Certificate:
+    assert state.cert_path
+    with open(state.cert_path, "rb") as fh:
+        data = fh.read()
+    try:
+        cert = x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ValueError(f"certificate {state.cert_path} is not a valid PEM certificate: "
+                         f"{exc}") from exc
+    state.serial = format(cert.serial_number, "x")
+    state.not_before = _cert_time(cert, "not_valid_before")
+    state.not_after = _cert_time(cert, "not_valid_after")
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        pass
+    state.names = " ".join(names)
+    try:
+        state.ari_cert_id = ari.cert_id(cert)
+    except ari.AriError:
+        state.ari_cert_id = None
+    state.ocsp_url = ocsp.ocsp_url(cert)
+    return cert
+
+
+def _cert_sig(path: str) -> str:
+    st = os.stat(path)  # follows live/ symlinks: a new version is a new inode
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def default_renewal_time(state: LineageState) -> Optional[float]:
+    """certbot's default: 2/3 of the lifetime, or 1/2 for certs living under 10 days."""
+    if state.not_before is None or state.not_after is None:
+        return None
+    lifetime = state.not_after - state.not_before
+    if lifetime < 10 * 86400:
+        return state.not_before + lifetime / 2
+    return state.not_before + lifetime * 2 / 3
+
+
+def decide(state: LineageState, now: float, settings: ScanSettings) -> tuple[bool, str]:
+    """certbot's should_renew, on stored facts. Returns (due, reason)."""
+    if settings.force:
+        return True, "forced (--force-renewal)"
+    if settings.dry_run:
+        return True, "dry run"
+    if not state.autorenew:
+        return False, "autorenew is disabled in the renewal conf"
+    if state.not_after is None:
+        return True, "certificate unreadable"
+    if state.not_after - now <= EXPIRY_SAFETY:
+        return True, f"expires {fmt_time(state.not_after)}"
+    if state.chosen_time is not None and now >= state.chosen_time:
+        return True, (f"ARI: renewal time {fmt_time(state.chosen_time)} in window "
+                      f"{fmt_time(state.window_start)} .. {fmt_time(state.window_end)}")
+    if state.ocsp_status == "revoked":
+        return True, "revoked (OCSP)"
+    if state.renew_before_expiry:
+        interval = parse_interval(state.renew_before_expiry)
+        if interval is not None:
+            if state.not_after - interval < now:
+                return True, f"less than {state.renew_before_expiry} before expiry"
+            return False, (f"not due until {fmt_time(state.not_after - interval)} "
+                           f"(renew_before_expiry = {state.renew_before_expiry})")
+        logger.warning("Lineage %s: renew_before_expiry = %r is not an interval certbot-batch "
+                       "understands (e.g. '30 days'); using the default rule.",
+                       state.name, state.renew_before_expiry)
+    if state.chosen_time is None:
+        default = default_renewal_time(state)
+        if default is not None and now > default:
+            return True, "less than 1/3 of its lifetime left"
+        return False, f"not due until {fmt_time(default)} (default rule)"
+    return False, f"not due until {fmt_time(state.chosen_time)} (ARI)"
+
+
+class _NetResult:
+    __slots__ = ("name", "ari", "ari_error", "ocsp", "ocsp_error", "window_kept")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ari: Optional[ari.AriResult] = None
+        self.ari_error: Optional[Exception] = None
+        self.ocsp: Optional[ocsp.OcspResult] = None
+        self.ocsp_error: Optional[Exception] = None
+
+
+class Scanner:
+    def __init__(self, settings: ScanSettings, db: StateDB,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self.limiter = ratelimit.RateLimiter(rate=settings.ari_rate,
+                                             burst=max(1.0, settings.ari_rate))
+        self.ari_client = ari.AriClient(timeout=(min(5.0, settings.timeout), settings.timeout),
+                                        rate_limiter=self.limiter,
+                                        user_agent=settings.user_agent)
+        self._local = threading.local()
+        self.rng = settings.rng or random.Random()
+        self._counts = {"ari": 0, "ocsp": 0}
+        self._count_lock = threading.Lock()
+
+    # -- network, in worker threads ------------------------------------------------------
+    def _session(self) -> Any:
+        sess = getattr(self._local, "session", None)
+        if sess is None:
+            import requests
+
+            sess = requests.Session()
+            sess.headers["User-Agent"] = self.settings.user_agent
+            self._local.session = sess
+        return sess
+
+    def _check(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> _NetResult:
+        res = _NetResult(state.name)
+        cert: Optional[x509.Certificate] = None
+        try:
+            assert state.cert_path
+            with open(state.cert_path, "rb") as fh:
+                cert = x509.load_pem_x509_certificate(fh.read())
+        except (OSError, ValueError) as exc:
+            res.ari_error = exc
+            return res
+        if want_ari and state.server:
+            with self._count_lock:
+                self._counts["ari"] += 1
+            try:
+                res.ari = self.ari_client.fetch(state.server, cert)
+            except ari.AriError as exc:
+                res.ari_error = exc
+            except Exception as exc:  # noqa: BLE001  (ARI must never crash the scan)
+                res.ari_error = ari.AriError("connection", f"ARI check failed: {exc}")
+        if want_ocsp and res.ari is None and state.ocsp_url:
+            try:
+                issuer = self._issuer(state)
+                with self._count_lock:
+                    self._counts["ocsp"] += 1
+                res.ocsp = ocsp.check(cert, issuer, state.ocsp_url, session=self._session(),
+                                      timeout=self.settings.timeout,
+                                      rate_limiter=self.limiter)
+            except ocsp.OcspError as exc:
+                res.ocsp_error = exc
+            except Exception as exc:  # noqa: BLE001
+                res.ocsp_error = exc
+        return res
+
+    def _issuer(self, state: LineageState) -> x509.Certificate:
+        if not state.chain_path:
+            raise ocsp.OcspError("malformed", f"lineage {state.name} has no chain file, so "
+                                 "its OCSP response cannot be verified")
+        with open(state.chain_path, "rb") as fh:
+            return x509.load_pem_x509_certificate(fh.read())
+
+    # -- applying results, in the main thread --------------------------------------------
+    def _apply(self, state: LineageState, res: _NetResult, now: float) -> None:
+        if res.ari is not None:
+            start, end = _ts(res.ari.window_start), _ts(res.ari.window_end)
+            if (state.window_start, state.window_end) != (start, end) or \
+                    state.chosen_time is None:
+                state.window_start, state.window_end = start, end
+                state.chosen_time = _ts(ari.choose_time(res.ari.window_start,
+                                                        res.ari.window_end, self.rng))
+            state.next_check = now + float(res.ari.retry_after_seconds)
+            state.failures = 0
+            state.last_error = None
+        elif res.ari_error is not None:
+            err = res.ari_error
+            kind = getattr(err, "kind", "error")
+            if kind == "no_ari":
+                # The CA has no ARI: not a failure, just nothing to ask for a while.
+                state.next_check = now + DEFAULT_RETRY
+                state.last_error = None
+            else:
+                state.failures += 1
+                state.last_error = f"ARI: {err}"
+                backoff = min(MAX_BACKOFF, 60.0 * (2 ** min(state.failures - 1, 12)))
+                retry_after = getattr(err, "retry_after", None)
+                if retry_after:
+                    backoff = max(backoff, float(retry_after))
+                state.next_check = now + backoff * (0.9 + 0.2 * self.rng.random())
+                if kind == "bad_window":
+                    state.window_start = state.window_end = state.chosen_time = None
+        if res.ocsp is not None:
+            state.ocsp_status = res.ocsp.status
+            nxt = getattr(res.ocsp, "next_update", None)
+            horizon = now + 12 * 3600
+            state.ocsp_next = min(_ts(nxt), horizon) if nxt is not None else horizon
+            if state.last_error and state.last_error.startswith("OCSP"):
+                state.last_error = None
+        elif res.ocsp_error is not None:
+            state.ocsp_status = None
+            state.ocsp_next = now + 3600
+            state.failures += 1
+            msg = f"OCSP: {res.ocsp_error}"
+            state.last_error = f"{state.last_error}; {msg}" if state.last_error else msg
+
+    # -- the scan -----------------------------------------------------------------------
+    def scan(self, conf_files: list[str], full: bool = True) -> ScanReport:
+        t0 = time.monotonic()
+        now = self.clock()
+        known = self.db.load_all()
+        states: list[LineageState] = []
+        broken: dict[str, str] = {}
+        todo: list[tuple[LineageState, bool, bool]] = []
+        for path in conf_files:
+            name = os.path.basename(path)[:-len(".conf")]
+            state = known.get(name) or LineageState(name=name)
+            state.conf_path = path
+            states.append(state)
+            try:
+                st = os.stat(path)
+                conf_sig = f"{st.st_mtime_ns}:{st.st_size}"
+                if conf_sig != state.conf_sig or not state.cert_path:
+                    read_conf(state, path)
+                    state.conf_sig = conf_sig
+                assert state.cert_path
+                cert_sig = _cert_sig(state.cert_path)
+                if cert_sig != state.cert_sig or state.not_after is None:
+                    state.reset_cert_facts()
+                    read_cert(state)
+                    state.cert_sig = cert_sig
+            except (OSError, ValueError, AssertionError) as exc:
+                msg = str(exc) if not isinstance(exc, OSError) else \
+                    f"{exc.strerror or exc}: {exc.filename or path}"
+                broken[name] = msg
+                state.conf_sig = ""  # re-read next time
+                state.cert_sig = ""
+                state.last_error = f"lineage {name}: {msg}"
+                state.due, state.reason = True, "unreadable: certbot will report it"
+                continue
+            if self.settings.force or self.settings.dry_run or not state.autorenew:
+                continue
+            want_ari = bool(state.server and state.ari_cert_id) and (
+                state.next_check is None or state.next_check <= now)
+            want_ocsp = bool(state.ocsp_url) and state.window_start is None and (
+                state.ocsp_next is None or state.ocsp_next <= now)
+            if want_ari or want_ocsp:
+                todo.append((state, want_ari, want_ocsp))
+        self._run_network(todo, now)
+        for state in states:
+            if state.name in broken:
+                continue
+            state.due, state.reason = decide(state, now, self.settings)
+            state.last_scan = now
+        self.db.save(states)
+        if full:
+            self.db.delete_missing({s.name for s in states})
+        return ScanReport(states=states, broken=broken, ari_requests=self._counts["ari"],
+                          ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0)
+
+    def _run_network(self, todo: list[tuple[LineageState, bool, bool]], now: float) -> None:
+        if not todo:
+            return
+        total = len(todo)
+        done = 0
+        last_progress = time.monotonic()
+        workers = max(1, min(self.settings.workers, total))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                   thread_name_prefix="certbot-batch-scan") \
+                as pool:
+            futures = {pool.submit(self._check, st, a, o): st for st, a, o in todo}
+            for fut in concurrent.futures.as_completed(futures):
+                state = futures[fut]
+                try:
+                    self._apply(state, fut.result(), now)
+                except Exception as exc:  # noqa: BLE001  (one lineage never stops the scan)
+                    state.failures += 1
+                    state.last_error = f"status check failed: {exc}"
+                    state.next_check = now + 300
+                done += 1
+                if self.settings.progress and time.monotonic() - last_progress > 1.0:
+                    last_progress = time.monotonic()
+                    sys.stderr.write(f"\rcertbot-batch: checked {done}/{total} lineages")
+                    sys.stderr.flush()
+        if self.settings.progress and total:
+            sys.stderr.write(f"\rcertbot-batch: checked {total}/{total} lineages\n")

@@ -1,0 +1,199 @@
+"""Per-lineage scan state, kept between runs in SQLite inside certbot's work directory.
+
+A row is tied to the exact certificate file it describes (real path, inode, size, mtime):
+when a lineage's certificate changes, whoever changed it (us or stock certbot), the row's
+certificate facts and ARI state are dropped and rebuilt. A corrupt database is moved aside
+and rebuilt; the state is a cache, never the source of truth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sqlite3
+import time
+from typing import Any, Iterable, Optional
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class LineageState:
+    name: str
+    conf_path: str = ""
+    conf_sig: str = ""          # "mtime_ns:size" of the renewal conf
+    cert_sig: str = ""          # "realpath:ino:size:mtime_ns" of the cert file
+    # From the renewal conf.
+    server: Optional[str] = None
+    authenticator: Optional[str] = None
+    installer: Optional[str] = None
+    autorenew: bool = True
+    renew_before_expiry: Optional[str] = None
+    cert_path: Optional[str] = None
+    chain_path: Optional[str] = None
+    # From the certificate.
+    serial: Optional[str] = None
+    names: str = ""             # space separated
+    not_before: Optional[float] = None
+    not_after: Optional[float] = None
+    ari_cert_id: Optional[str] = None
+    ocsp_url: Optional[str] = None
+    # ARI / OCSP state.
+    window_start: Optional[float] = None
+    window_end: Optional[float] = None
+    chosen_time: Optional[float] = None
+    next_check: Optional[float] = None
+    ocsp_status: Optional[str] = None
+    ocsp_next: Optional[float] = None
+    failures: int = 0
+    last_error: Optional[str] = None
+    # Outcome of the last scan.
+    due: bool = False
+    reason: str = ""
+    last_scan: Optional[float] = None
+    last_renewed: Optional[float] = None
+
+    def reset_cert_facts(self) -> None:
+        """The certificate changed: everything learned about the old one is void."""
+        for f in ("serial", "not_before", "not_after", "ari_cert_id", "ocsp_url",
+                  "window_start", "window_end", "chosen_time", "next_check",
+                  "ocsp_status", "ocsp_next", "last_error"):
+            setattr(self, f, None)
+        self.names = ""
+        self.failures = 0
+
+
+_FIELDS = [f.name for f in dataclasses.fields(LineageState)]
+_BOOL_FIELDS = {"autorenew", "due"}
+
+
+def _ddl() -> str:
+    cols = []
+    for f in dataclasses.fields(LineageState):
+        if f.name == "name":
+            cols.append("name TEXT PRIMARY KEY")
+        elif f.name in _BOOL_FIELDS or f.name == "failures":
+            cols.append(f"{f.name} INTEGER")
+        elif f.name in ("not_before", "not_after", "window_start", "window_end",
+                        "chosen_time", "next_check", "ocsp_next", "last_scan", "last_renewed"):
+            cols.append(f"{f.name} REAL")
+        else:
+            cols.append(f"{f.name} TEXT")
+    return f"CREATE TABLE IF NOT EXISTS lineage ({', '.join(cols)})"
+
+
+class StateDB:
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.rebuilt_reason: Optional[str] = None
+        self.conn = self._open()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            uri = f"file:{self.path}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+        else:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        if self.readonly:
+            return self._connect()
+        try:
+            conn = self._connect()
+            self._init_schema(conn)
+            return conn
+        except sqlite3.DatabaseError as exc:
+            return self._rebuild(f"unreadable ({exc})")
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is not None and row[0] != str(SCHEMA_VERSION):
+            conn.execute("DROP TABLE IF EXISTS lineage")
+        conn.execute(_ddl())
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(lineage)")}
+        if set(_FIELDS) - cols:
+            conn.execute("DROP TABLE lineage")
+            conn.execute(_ddl())
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        conn.execute("PRAGMA quick_check").fetchone()
+        conn.commit()
+
+    def _rebuild(self, why: str) -> sqlite3.Connection:
+        aside = f"{self.path}.corrupt-{int(time.time())}"
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(self.path + suffix, aside + suffix)
+            except FileNotFoundError:
+                pass
+        logger.warning("certbot-batch: state database %s was %s; moved it to %s and rebuilt "
+                       "it. Nothing is lost: the next checks repopulate it.",
+                       self.path, why, aside)
+        self.rebuilt_reason = why
+        conn = self._connect()
+        self._init_schema(conn)
+        return conn
+
+    def load_all(self) -> dict[str, LineageState]:
+        try:
+            rows = self.conn.execute(f"SELECT {', '.join(_FIELDS)} FROM lineage").fetchall()
+        except sqlite3.DatabaseError as exc:
+            if self.readonly:
+                raise
+            self.conn = self._rebuild(f"unreadable ({exc})")
+            return {}
+        out: dict[str, LineageState] = {}
+        for row in rows:
+            values: dict[str, Any] = dict(zip(_FIELDS, row))
+            for b in _BOOL_FIELDS:
+                values[b] = bool(values[b])
+            values["failures"] = int(values["failures"] or 0)
+            values["names"] = values["names"] or ""
+            values["conf_path"] = values["conf_path"] or ""
+            values["conf_sig"] = values["conf_sig"] or ""
+            values["cert_sig"] = values["cert_sig"] or ""
+            values["reason"] = values["reason"] or ""
+            out[values["name"]] = LineageState(**values)
+        return out
+
+    def save(self, states: Iterable[LineageState]) -> None:
+        rows = [tuple(int(v) if isinstance(v, bool) else v
+                      for v in dataclasses.astuple(s)) for s in states]
+        if not rows:
+            return
+        sql = (f"INSERT OR REPLACE INTO lineage ({', '.join(_FIELDS)}) "
+               f"VALUES ({', '.join('?' for _ in _FIELDS)})")
+        try:
+            with self.conn:
+                self.conn.executemany(sql, rows)
+        except sqlite3.DatabaseError as exc:
+            self.conn = self._rebuild(f"unwritable ({exc})")
+            with self.conn:
+                self.conn.executemany(sql, rows)
+
+    def delete_missing(self, present: set[str]) -> None:
+        """Forget lineages that were deleted (full scans only)."""
+        names = [r[0] for r in self.conn.execute("SELECT name FROM lineage")]
+        gone = [(n,) for n in names if n not in present]
+        if gone:
+            with self.conn:
+                self.conn.executemany("DELETE FROM lineage WHERE name=?", gone)
+
+    def mark_renewed(self, name: str, when: float) -> None:
+        with self.conn:
+            self.conn.execute(
+                "UPDATE lineage SET last_renewed=?, due=0, reason='renewed', cert_sig='' "
+                "WHERE name=?", (when, name))
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
