@@ -169,6 +169,15 @@ def test_farm_loads_with_certbot(tmp_path: Any, ca: FarmCA) -> None:
         assert lineage_config.webroot_map[lineage.lineagename] == str(tmp_path / "www")
 
 
+def test_farm_forked_workers(tmp_path: Any, ca: FarmCA) -> None:
+    cfg = str(tmp_path / "le")
+    names = make_farm(cfg, 400, ca=ca, server=SERVER, workers=2, start_index=7)
+    assert names == [f"lin{i:05d}.test" for i in range(7, 407)]
+    assert farm.lineage_names(cfg) == names
+    serials = {farm.load_lineage_cert(cfg, n).serial_number for n in names[::20] + names[-3:]}
+    assert len(serials) == len(names[::20] + names[-3:])
+
+
 def test_conf_text_matches_configobj() -> None:
     params: Dict[str, Any] = {
         "account": "abc", "authenticator": "webroot", "installer": "apache",

@@ -70,8 +70,6 @@ _LIVE_README = (
 README_LINEAGE = _LIVE_README.format(prefix="").encode()
 README_BASE = _LIVE_README.format(prefix="[cert name]/").encode()
 
-_EPOCH = datetime.datetime(1970, 1, 1)
-
 
 # --------------------------------------------------------------------------------------------
 # small helpers (cryptography 38 compatible)
@@ -562,7 +560,8 @@ def make_farm(config_dir: str, count: int, *, ca: FarmCA, server: str,
               renew_before_expiry: Optional[str] = None, autorenew: Optional[bool] = None,
               key: Optional[PrivateKey] = None, now: Optional[datetime.datetime] = None,
               version: Optional[str] = None,
-              names_for: Optional[Callable[[int], Sequence[str]]] = None) -> List[str]:
+              names_for: Optional[Callable[[int], Sequence[str]]] = None,
+              workers: int = 1) -> List[str]:
     """Write ``count`` certbot lineages under ``config_dir``; return their names.
 
     Lineage ``i`` (``start_index <= i < start_index + count``) is named ``name_fmt.format(i=i)``
@@ -575,6 +574,9 @@ def make_farm(config_dir: str, count: int, *, ca: FarmCA, server: str,
     ``webroot_path`` plus a ``[[webroot_map]]`` when the authenticator's name contains
     "webroot". ``autorenew`` goes into ``[renewalparams]`` (where certbot reads it),
     ``renew_before_expiry`` at the top level.
+
+    ``workers > 1`` forks that many writer processes (POSIX; only for ``count >= 400``). Do not
+    use it from a process with other busy threads (e.g. with a Responder running in it).
     """
     if count < 0:
         raise ValueError("count must be >= 0")
@@ -608,8 +610,7 @@ def make_farm(config_dir: str, count: int, *, ca: FarmCA, server: str,
         renew_before_expiry=renew_before_expiry)
     head, tail = (template.split(map_line) if per_name_map else (template, ""))
 
-    names: List[str] = []
-    for i in range(start_index, start_index + count):
+    def one(i: int) -> str:
         if names_for is not None:
             dns = list(names_for(i))
         else:
@@ -639,7 +640,52 @@ def make_farm(config_dir: str, count: int, *, ca: FarmCA, server: str,
                 renew_before_expiry=renew_before_expiry)
         _write_lineage_fast(archive, live, renewal, name, cert_pem, chain_pem, kpem,
                             conf.encode("utf-8"))
-        names.append(name)
+        return name
+
+    indices = range(start_index, start_index + count)
+    if workers > 1 and count >= 2 * _MIN_CHUNK and hasattr(os, "fork"):
+        return _forked(indices, one, workers)
+    return [one(i) for i in indices]
+
+
+_MIN_CHUNK = 200
+
+
+def _forked(indices: range, one: Callable[[int], str], workers: int) -> List[str]:
+    """Run ``one`` over ``indices`` in ``workers`` forked children; names come back in order
+    through a pipe per child."""
+    n = min(workers, max(1, len(indices) // _MIN_CHUNK))
+    bounds = [indices.start + len(indices) * k // n for k in range(n + 1)]
+    children: List[Tuple[int, int]] = []
+    for k in range(n):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: no exceptions may escape
+            code = 0
+            try:
+                os.close(r)
+                out = "\n".join(one(i) for i in range(bounds[k], bounds[k + 1]))
+                with os.fdopen(w, "wb") as f:
+                    f.write(out.encode("utf-8"))
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        children.append((pid, r))
+    names: List[str] = []
+    failed = False
+    for pid, r in children:
+        with os.fdopen(r, "rb") as f:
+            data = f.read().decode("utf-8")
+        _, status = os.waitpid(pid, 0)
+        failed = failed or status != 0
+        names.extend(data.split("\n") if data else [])
+    if failed or len(names) != len(indices):
+        raise RuntimeError("make_farm: a worker process failed (see stderr)")
     return names
 
 
@@ -789,6 +835,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-share-key", action="store_true", help="one key per lineage")
     p.add_argument("--renew-before-expiry")
     p.add_argument("--autorenew", choices=["true", "false"])
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="writer processes (default: CPU count)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra [renewalparams] entry (repeatable)")
     args = p.parse_args(argv)
@@ -806,7 +854,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra_renewalparams=_parse_kv(args.param) or None, share_key=not args.no_share_key,
         key_type=args.key_type, start_index=args.start_index,
         renew_before_expiry=args.renew_before_expiry,
-        autorenew=None if args.autorenew is None else args.autorenew == "true")
+        autorenew=None if args.autorenew is None else args.autorenew == "true",
+        workers=args.workers)
     elapsed = time.monotonic() - t0
     first = names[0] if names else "-"
     print(f"wrote {len(names)} lineages to {config_dir} in {elapsed:.2f}s "

@@ -44,8 +44,14 @@ def check_webroot(item: ChallengeFile) -> None:
             f"The webroot {root} for {_who(item)} does not exist or is not a directory. "
             "Create it (it must be the directory your web server serves for this name) or "
             "fix -w/--webroot-map (saved as webroot_map in the renewal conf).")
-    probe = root
     challenge_dir = os.path.join(root, URI_ROOT)
+    for part in (os.path.dirname(challenge_dir), challenge_dir):
+        if os.path.lexists(part) and not os.path.isdir(part):
+            raise errors.PluginError(
+                f"{part} exists and is not a directory, so the challenge for {_who(item)} "
+                "cannot be saved below it. Remove or rename it (the web server must serve "
+                "/.well-known/acme-challenge/ from the webroot).")
+    probe = root
     for candidate in (challenge_dir, os.path.dirname(challenge_dir)):
         if os.path.isdir(candidate):
             probe = candidate

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 
 from cryptography import x509
 
-from certbot_batch.scan import ari, ocsp, ratelimit
+from certbot_batch.scan import ari, ratelimit
+from certbot_batch.scan import ocsp as ocsp
 from certbot_batch.scan.state import LineageState, StateDB
 
 logger = logging.getLogger(__name__)
