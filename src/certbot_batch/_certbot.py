@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import sys
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -127,9 +128,13 @@ def install() -> bool:
 
 def _disable(reason: str) -> bool:
     _state["disabled_reason"] = reason
-    logger.warning("certbot-batch: renewal engine disabled: %s. certbot runs as stock; "
-                   "the batch plugins still work one lineage at a time. Upgrade "
-                   "certbot-batch or pin certbot to a supported version.", reason)
+    message = (f"certbot-batch: renewal engine disabled: {reason}. certbot runs as stock; "
+               "the batch plugins still work one lineage at a time. Upgrade certbot-batch "
+               "or pin certbot to a supported version.")
+    # Plugins are imported before certbot has set up its logging (and certbot 2.x does not
+    # replay early warnings on the terminal), so say it on stderr directly, once.
+    sys.stderr.write(message + "\n")
+    logger.info("%s", message)
     return False
 
 
