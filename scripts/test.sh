@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null || { echo "setup failed"; exit 1; }
 export CERTBOT_BATCH_VENV_PYPI="$PWD/.venv-pypi" CERTBOT_BATCH_VENV_DEB="$PWD/.venv-deb"
 status=0
-echo "== ruff";  .venv-pypi/bin/ruff check src tests benchmarks scripts || status=1
+lint_dirs=(); for d in src tests benchmarks scripts; do [ -d "$d" ] && lint_dirs+=("$d"); done
+echo "== ruff";  .venv-pypi/bin/ruff check "${lint_dirs[@]}" || status=1
 echo "== mypy";  .venv-pypi/bin/mypy || status=1
 echo "== pytest"
 .venv-pypi/bin/python -m pytest -q -ra "$@"
