@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sqlite3
 import sys
 import tempfile
@@ -68,6 +69,13 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
     }
 
 
+def _short_error(text: str) -> str:
+    """The table's column: URLs cut to their host and certIDs dropped, so that what the CA
+    answered fits (the full message is in --json)."""
+    text = re.sub(r" for certificate [A-Za-z0-9_.-]+:", ":", text)
+    return re.sub(r"(https?://[^/\s]+)/\S*", r"\1", text)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     headers = ["lineage", "names", "notAfter", "ARI window", "chosen time", "due?",
                "next check", "last error"]
@@ -80,7 +88,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             names = names[:37] + "..."
         body.append([r["lineage"], names, r["not_after"] or "-", window,
                      r["chosen_time"] or "-", due, r["next_check"] or "-",
-                     (r["last_error"] or r.get("attention") or "-")[:120]])
+                     _short_error(r["last_error"] or r.get("attention") or "-")[:120]])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)] if body else \
         [len(h) for h in headers]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]

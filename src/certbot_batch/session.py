@@ -94,6 +94,7 @@ class RenewalSession:
 
     def run(self) -> None:
         config = self.config
+        reload.preflight(config)
         Journal(paths.journal_path(config)).recover()
         self.db = StateDB(paths.state_db_path(config))
         try:
@@ -125,7 +126,8 @@ class RenewalSession:
                 if reload_error:
                     logger.error("%s", reload_error)
                     problems.append(reload_error)
-                hook_error = batch_hooks.run_batch_hooks(config, self._renewed_lineages())
+                hook_error = batch_hooks.run_batch_hooks(config, self._renewed_lineages(),
+                                                         deploy_run.result)
                 if hook_error:
                     logger.error("%s", hook_error)
                     problems.append(hook_error)
@@ -201,6 +203,8 @@ class RenewalSession:
         if len(failing) > LIST_LIMIT:
             logger.warning("... and %d more lineage(s) with status check errors; see "
                            "`certbot-batch status`", len(failing) - LIST_LIMIT)
+        if getattr(self.config, "certname", None):
+            return  # certbot's own summary names the one lineage; don't list it twice
         if not_due and len(not_due) <= LIST_LIMIT:
             _certbot.notify("The following certificates are not due for renewal yet:")
             for state in not_due:

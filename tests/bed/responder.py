@@ -11,7 +11,9 @@ Endpoints (plain HTTP on 127.0.0.1, a free port, HTTP/1.1 keep-alive, one thread
 connection):
 
 * ``GET /directory`` — ACME directory; ``renewalInfo`` = ``{base}/renewal-info`` unless
-  ``renewal_info`` is False (or the ``no_renewal_info`` directory fault is set).
+  ``renewal_info`` is False (or the ``no_renewal_info`` directory fault is set). With
+  ``acme_directory`` (another server's directory, e.g. pebble's) its fields are served instead
+  of the placeholder ACME URLs, so ACME clients order from that server and ask us for ARI.
 * ``GET /renewal-info/{certID}`` — ``{"suggestedWindow": {"start", "end"}}`` + ``Retry-After``.
 * ``POST /ocsp`` and ``GET /ocsp/{base64 DER}`` — OCSP responses signed by the issuing FarmCA.
 
@@ -272,7 +274,8 @@ class Responder:
                  policy: Optional[Policy] = None, retry_after: Optional[int] = 21600,
                  explanation_url: Optional[str] = None,
                  ocsp_validity: datetime.timedelta = datetime.timedelta(days=4),
-                 ocsp_cache_seconds: float = 60.0) -> None:
+                 ocsp_cache_seconds: float = 60.0,
+                 acme_directory: Optional[Dict[str, Any]] = None) -> None:
         if cas is None:
             self.cas: List[FarmCA] = []
         elif isinstance(cas, FarmCA):
@@ -287,6 +290,9 @@ class Responder:
         self.explanation_url = explanation_url
         self.ocsp_validity = ocsp_validity
         self.ocsp_cache_seconds = ocsp_cache_seconds
+        #: Another ACME server's directory (e.g. pebble's) whose fields /directory serves, with
+        #: renewalInfo pointing at this responder: an ACME server that also has ARI.
+        self.acme_directory: Optional[Dict[str, Any]] = acme_directory
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -686,6 +692,8 @@ class Responder:
             "keyChange": f"{base}/acme/key-change",
             "meta": {"termsOfService": f"{base}/terms"},
         }
+        if self.acme_directory is not None:
+            doc = {k: v for k, v in self.acme_directory.items() if k != "renewalInfo"}
         if self.renewal_info and not (fault is not None and fault.mode == "no_renewal_info"):
             doc["renewalInfo"] = f"{base}/renewal-info"
         return _Reply(200, json.dumps(doc).encode(), "application/json", ())

@@ -19,14 +19,14 @@ import time
 from typing import Any, Optional
 
 from certbot_batch import _certbot, paths
+from certbot_batch.challenges.apache import ApacheChallengeProvisioner
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
-from certbot_batch.challenges.webroot import WebrootProvisioner
 
 logger = logging.getLogger(__name__)
 
 #: Authenticators whose perform() can join a batch.
-BATCH_AUTHENTICATORS = ("batch-webroot",)
+BATCH_AUTHENTICATORS = ("batch-webroot", "batch-apache")
 
 _active: Optional[ChallengeBatch] = None
 
@@ -77,7 +77,7 @@ def run(config: Any, lineages: list[tuple[str, str]], wave_size: int = 100) -> \
     journal = Journal(paths.journal_path(config))
     for start in range(0, len(lineages), max(1, wave_size)):
         wave = lineages[start:start + wave_size]
-        batch = ChallengeBatch([name for name, _ in wave], WebrootProvisioner(journal))
+        batch = ChallengeBatch([name for name, _ in wave], ApacheChallengeProvisioner(journal))
         _active = batch
         try:
             # One thread per lineage of the wave: they must all be able to reach the

@@ -14,10 +14,11 @@ logger = logging.getLogger(__name__)
 
 def find_ctl(ctl: str) -> str:
     path = ctl if os.path.sep in ctl else shutil.which(ctl)
-    if not path or not os.access(path, os.X_OK):
+    if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
         raise errors.NoInstallationError(
             f"Apache's control program '{ctl}' was not found or is not executable. Install "
-            "Apache (Debian: apt-get install apache2) or point --apache-ctl at apachectl.")
+            "Apache (Debian: apt-get install apache2) or point --apache-ctl at apachectl "
+            "(saved as apache_ctl in the renewal conf).")
     return path
 
 
@@ -36,9 +37,14 @@ def _run(cmd: Sequence[str], what: str) -> str:
     return output
 
 
-def configtest(ctl: str) -> None:
-    _run([find_ctl(ctl), "configtest"], "configtest")
+def configtest(ctl: str) -> str:
+    return _run([find_ctl(ctl), "configtest"], "configtest")
 
 
-def graceful(ctl: str) -> None:
-    _run([find_ctl(ctl), "graceful"], "graceful reload")
+def graceful(ctl: str) -> str:
+    return _run([find_ctl(ctl), "graceful"], "graceful reload")
+
+
+def said_not_running(output: str) -> bool:
+    """httpd -k graceful on a stopped server prints "... not running" and starts it."""
+    return "not running" in output

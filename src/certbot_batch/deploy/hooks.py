@@ -52,8 +52,12 @@ def hook_commands(config: Any) -> list[str]:
     return cmds
 
 
-def run_batch_hooks(config: Any, lineages: list[dict[str, Any]]) -> Optional[str]:
-    """Run every batch deploy hook once. Returns an error message, or None."""
+def run_batch_hooks(config: Any, lineages: list[dict[str, Any]],
+                    apache_reload: str = "none") -> Optional[str]:
+    """Run every batch deploy hook once. Returns an error message, or None.
+
+    ``apache_reload`` (exported as $CERTBOT_BATCH_APACHE_RELOAD): "reloaded", "none" (no
+    batch-apache reload in this run), "configtest-failed" or "reload-failed"."""
     if not lineages:
         return None
     cmds = hook_commands(config)
@@ -70,6 +74,7 @@ def run_batch_hooks(config: Any, lineages: list[dict[str, Any]]) -> Optional[str
         env["RENEWED_LINEAGES"] = " ".join(str(item["live_dir"]) for item in lineages)
         env["RENEWED_DOMAINS"] = " ".join(n for item in lineages for n in item.get("names", []))
         env["CERTBOT_BATCH_COUNT"] = str(len(lineages))
+        env["CERTBOT_BATCH_APACHE_RELOAD"] = apache_reload
         for cmd in cmds:
             logger.info("Running batch deploy hook: %s", cmd)
             proc = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True,

@@ -11,6 +11,7 @@ import glob
 import logging
 import os
 import re
+import threading
 from typing import Any, Optional
 
 from certbot_batch.deploy import apachectl
@@ -19,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 _CERT_DIRECTIVE = re.compile(
     r"^\s*SSLCertificate(?:Key|Chain)?File\s+\"?([^\"\s]+)\"?", re.IGNORECASE | re.MULTILINE)
+_INCLUDE = re.compile(r"^\s*Include(?:Optional)?\s+\"?([^\"\s]+)\"?", re.IGNORECASE | re.MULTILINE)
+_DEFINE_VAR = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
+#: The file Apache starts from, by layout (Debian first).
+MAIN_CONFIGS = ("apache2.conf", "httpd.conf", "conf/httpd.conf")
 
 
 @dataclasses.dataclass
@@ -30,6 +35,10 @@ class DeployRun:
     referenced: Optional[set[str]] = None
     configtests: int = 0
     reloads: int = 0
+    #: reloads done during the run (batch-apache authenticator: serve the challenges)
+    challenge_reloads: int = 0
+    result: str = "none"
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 _run: Optional[DeployRun] = None
@@ -53,10 +62,22 @@ def end() -> None:
 def defer_reload(config: Any, plugin: Any) -> bool:
     if _run is None:
         return False
-    _run.reload_requested = True
-    _run.ctl = plugin.ctl()
-    if _run.delegate is None and getattr(plugin, "_delegate", None) is not None:
-        _run.delegate = plugin._delegate
+    with _run.lock:
+        _run.reload_requested = True
+        _run.ctl = _run.ctl or plugin.ctl()
+        if _run.delegate is None and getattr(plugin, "_delegate", None) is not None:
+            _run.delegate = plugin._delegate
+    return True
+
+
+def request_reload(ctl: str) -> bool:
+    """Ask for a reload at the end of the run (e.g. to drop the challenge snippet).
+    Returns False outside a session (the caller must reload itself)."""
+    if _run is None:
+        return False
+    with _run.lock:
+        _run.reload_requested = True
+        _run.ctl = _run.ctl or ctl
     return True
 
 
@@ -78,23 +99,53 @@ def server_root(config: Any) -> str:
     return str(getattr(config, "apache_server_root", None) or "/etc/apache2")
 
 
-def referenced_paths(root: str) -> set[str]:
-    """Every certificate/key path that Apache's config files name (a text scan, not a parse:
-    milliseconds where an Augeas parse of a big server takes minutes)."""
-    found: set[str] = set()
-    patterns = ["*.conf", "*/*.conf", "*/*", "sites-enabled/*", "conf-enabled/*"]
+def _resolve(root: str, pattern: str) -> list[str]:
+    pattern = _DEFINE_VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), pattern)
+    if not os.path.isabs(pattern):
+        pattern = os.path.join(root, pattern)
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "*")
+    return sorted(glob.glob(pattern))
+
+
+def config_files(root: str) -> list[str]:
+    """The files Apache reads, found by following Include/IncludeOptional from the main
+    config (a text walk: milliseconds, where an Augeas parse of a big server takes
+    minutes). <IfModule>/<IfDefine> are not evaluated, so this may list a little more than
+    Apache reads -- never less, for the files reachable from the main config."""
+    main = next((os.path.join(root, m) for m in MAIN_CONFIGS
+                 if os.path.isfile(os.path.join(root, m))), None)
+    if main is None:  # unknown layout: every *.conf below the root
+        return sorted(glob.glob(os.path.join(root, "**", "*.conf"), recursive=True))
+    out: list[str] = []
     seen: set[str] = set()
-    for pattern in patterns:
-        for path in glob.glob(os.path.join(root, pattern)):
-            real = os.path.realpath(path)
-            if real in seen or not os.path.isfile(real):
-                continue
-            seen.add(real)
-            try:
-                with open(real, encoding="utf-8", errors="replace") as fh:
-                    found.update(_CERT_DIRECTIVE.findall(fh.read()))
-            except OSError:
-                continue
+    todo = [main]
+    while todo:
+        path = todo.pop(0)
+        real = os.path.realpath(path)
+        if real in seen or not os.path.isfile(real):
+            continue
+        seen.add(real)
+        out.append(path)
+        try:
+            with open(real, encoding="utf-8", errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        for pattern in _INCLUDE.findall(text):
+            todo.extend(_resolve(root, pattern))
+    return out
+
+
+def referenced_paths(root: str) -> set[str]:
+    """Every certificate/key path that Apache's enabled config files name."""
+    found: set[str] = set()
+    for path in config_files(root):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                found.update(_CERT_DIRECTIVE.findall(fh.read()))
+        except OSError:
+            continue
     return found
 
 
@@ -117,13 +168,16 @@ def flush(run: DeployRun) -> Optional[str]:
     """The one configtest + graceful reload of the run. Returns an error message or None.
 
     On a failing configtest this run's edits are rolled back (no reload); the renewed
-    certificates stay saved and Apache keeps serving the previous ones."""
+    certificates stay saved and Apache keeps serving the previous ones. A stopped Apache
+    is started by the graceful reload (as stock certbot's ``apachectl graceful`` does),
+    with a warning."""
     if not run.reload_requested or run.ctl is None:
         return None
     try:
         run.configtests += 1
         apachectl.configtest(run.ctl)
     except Exception as exc:  # noqa: BLE001  (any failure: roll back, report, go on)
+        run.result = "configtest-failed"
         msg = str(exc)
         if run.edited and run.delegate is not None:
             try:
@@ -137,7 +191,28 @@ def flush(run: DeployRun) -> Optional[str]:
                 "is reloaded.")
     try:
         run.reloads += 1
-        apachectl.graceful(run.ctl)
+        output = apachectl.graceful(run.ctl)
     except Exception as exc:  # noqa: BLE001
+        run.result = "reload-failed"
         return f"Apache reload failed: {exc}"
+    run.result = "reloaded"
+    if apachectl.said_not_running(output):
+        logger.warning("Apache was not running: `%s graceful` started it, serving the "
+                       "renewed certificates.", run.ctl)
+    else:
+        logger.info("Apache reloaded once for the whole run (certbot-batch)")
     return None
+
+
+def preflight(config: Any) -> None:
+    """Fail before any renewal work when batch-apache is chosen on the command line and
+    its apachectl cannot run (saved settings are checked per lineage by prepare())."""
+    from certbot_batch import _certbot
+
+    chosen = [getattr(config, attr, None) for attr in ("installer", "authenticator")
+              if _certbot.set_by_user(config, attr)]
+    if "batch-apache" not in chosen or getattr(config, "dry_run", False):
+        return
+    ctl = getattr(config, "apache_ctl", None)
+    if ctl:
+        apachectl.find_ctl(str(ctl))

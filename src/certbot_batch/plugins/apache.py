@@ -19,8 +19,21 @@ from certbot import errors
 from certbot.achallenges import AnnotatedChallenge
 from certbot.plugins import common
 
-from certbot_batch import _certbot  # noqa: F401  (wires the renewal engine into certbot)
+from certbot_batch import (
+    _certbot,  # noqa: F401  (wires the renewal engine into certbot)
+    paths,
+)
+from certbot_batch.challenges import prevalidate
+from certbot_batch.challenges.apache import (
+    ApacheChallengeProvisioner,
+    ApacheSettings,
+    settings_for,
+)
+from certbot_batch.challenges.batch import ChallengeBatch
+from certbot_batch.challenges.journal import Journal
+from certbot_batch.challenges.webroot import ChallengeFile
 from certbot_batch.deploy import apachectl, reload
+from certbot_batch.plugins.webroot import achall_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +67,9 @@ class BatchApacheConfigurator(common.Configurator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._delegate: Optional[Any] = None
+        self._provisioner = ApacheChallengeProvisioner(Journal(paths.journal_path(self.config)))
+        self._batch: Optional[ChallengeBatch] = None
+        self._stock_challenges = False
 
     # -- helpers ----------------------------------------------------------------------
     def ctl(self) -> str:
@@ -67,6 +83,8 @@ class BatchApacheConfigurator(common.Configurator):
                 self._delegate = shared
             else:
                 cls = stock_apache_class()
+                logger.debug("certbot-batch: preparing certbot's Apache configurator "
+                             "(full configuration parse)")
                 delegate = cls(config=self.config, name="apache")
                 delegate.prepare()
                 reload.remember_delegate(self.config, delegate)
@@ -74,10 +92,18 @@ class BatchApacheConfigurator(common.Configurator):
         return self._delegate
 
     # -- Plugin -----------------------------------------------------------------------
+    def challenge_settings(self) -> Optional[ApacheSettings]:
+        return settings_for(self.ctl(), reload.server_root(self.config),
+                            getattr(self.config, "apache_challenge_location", None))
+
     def prepare(self) -> None:
         # Cheap checks only: the parse is deferred until an edit is really needed.
         apachectl.find_ctl(self.ctl())
         stock_apache_class()
+        # Leftover challenge files/snippet of an interrupted run go first (not while a
+        # batch is live: its files are in the same journal).
+        if prevalidate.active_batch() is None:
+            self._provisioner.journal.recover()
 
     def more_info(self) -> str:
         return ("Deploys certificates to Apache through certbot's Apache plugin, with one "
@@ -130,7 +156,42 @@ class BatchApacheConfigurator(common.Configurator):
         return [challenges.HTTP01]
 
     def perform(self, achalls: list[AnnotatedChallenge]) -> list[challenges.ChallengeResponse]:
-        return list(self.delegate().perform(achalls))
+        settings = self.challenge_settings()
+        if settings is None:
+            # Not a Debian-style layout (no conf-enabled/): certbot's own, per lineage.
+            self._stock_challenges = True
+            return list(self.delegate().perform(achalls))
+        items = []
+        responses = []
+        lineage = _certbot.current_lineage()
+        for achall in achalls:
+            response, validation = achall.response_and_validation()
+            items.append(ChallengeFile(
+                identifier=achall_identifier(achall), webroot=settings.challenge_root,
+                token=achall.chall.encode("token"), content=validation.encode(),
+                lineage=lineage))
+            responses.append(response)
+        batch = prevalidate.active_batch()
+        if (batch is not None and lineage is not None and batch.is_participant(lineage)
+                and isinstance(batch.provisioner, ApacheChallengeProvisioner)):
+            # Inside a batch session: one snippet + one reload serve the whole wave.
+            batch.provisioner.configure(settings)
+            self._batch = batch
+            batch.perform(lineage, items)
+            return responses
+        self._provisioner.configure(settings)
+        failures = self._provisioner.provision(items)
+        if failures:
+            self._provisioner.cleanup()
+            raise failures[0][1]
+        return responses
 
     def cleanup(self, achalls: list[AnnotatedChallenge]) -> None:
-        self.delegate().cleanup(achalls)
+        if self._stock_challenges:
+            self.delegate().cleanup(achalls)
+            return
+        lineage = _certbot.current_lineage()
+        if self._batch is not None and lineage is not None:
+            self._batch.cleanup(lineage)
+            return
+        self._provisioner.cleanup()

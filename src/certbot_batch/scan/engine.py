@@ -132,8 +132,10 @@ def read_conf(state: LineageState, path: str) -> None:
     state.server = _conf_value(params, "server")
     state.authenticator = _conf_value(params, "authenticator")
     state.installer = _conf_value(params, "installer")
-    autorenew = _conf_value(conf, "autorenew")
-    state.autorenew = not (autorenew is not None and autorenew.lower() == "false")
+    # certbot reads it from [renewalparams] (RenewableCert.autorenewal_is_enabled, as_bool)
+    autorenew = _conf_value(params, "autorenew")
+    state.autorenew = not (autorenew is not None
+                           and autorenew.strip().lower() in ("false", "no", "off", "0"))
     state.renew_before_expiry = _conf_value(conf, "renew_before_expiry")
 
 

@@ -1,0 +1,247 @@
+"""End to end: ``certbot renew`` through the real certbot (PyPI 5.x and Debian 2.1), with and
+without the certbot-batch renewal session.
+
+The lineages' ACME server is our responder, serving pebble's directory with ``renewalInfo``
+pointing at itself: certbot orders from the real pebble (HTTP-01 answered by the test
+Apache from the saved webroot), and the session asks the responder for ARI windows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+import requests
+
+from tests.bed import farm
+from tests.bed.apache import Apache
+from tests.bed.certbots import Certbot
+from tests.bed.farm import FarmCA
+from tests.bed.pebble import Pebble
+from tests.bed.responder import Responder
+
+DAY = datetime.timedelta(days=1)
+PAST = (-2 * DAY, -1 * DAY)
+
+
+@dataclasses.dataclass
+class AcmeVia:
+    """What Certbot needs of an ACME server: its directory URL and the CA bundle for TLS."""
+    directory_url: str
+    ca_bundle: Path
+
+
+@pytest.fixture(scope="module")
+def ca() -> FarmCA:
+    return FarmCA.create("Session E2E Test")
+
+
+def out(proc: subprocess.CompletedProcess[str]) -> str:
+    return proc.stdout + proc.stderr
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def versions(bot: Certbot, name: str) -> int:
+    return len(list((bot.config_dir / "archive" / name).glob("cert*.pem")))
+
+
+def state_db(bot: Certbot) -> Path:
+    return bot.work_dir / "certbot-batch" / "state.sqlite"
+
+
+def account_id(bot: Certbot) -> str:
+    ids = [p.parent.name for p in (bot.config_dir / "accounts").rglob("regr.json")]
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+# -- (a) not engaged: stock certbot --------------------------------------------------------
+
+def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA) -> None:
+    with Responder(ca) as responder:  # stock certbot 5.x asks it for ARI itself
+        bot = Certbot(certbot_flavour, tmp_path / "cb", None)
+        names = farm.make_farm(str(bot.config_dir), 3, ca=ca, server=responder.directory_url,
+                               webroot=str(tmp_path / "www"), name_fmt="stock{i}.test")
+        proc = bot.run("renew")
+        # Stock certbot >= 4.1 asks the CA for ARI itself, once per lineage; 2.1 has no ARI.
+        assert responder.ari_requests == (3 if certbot_flavour == "pypi" else 0)
+    text = out(proc)
+    assert proc.returncode == 0, text
+    assert "certbot-batch" not in text
+    assert "Traceback" not in text
+    assert text.count("Certificate not yet due for renewal") == 3, text
+    assert "The following certificates are not due for renewal yet:" in text
+    skipped = re.findall(r"^\s+(\S+)/live/(\S+)/fullchain\.pem expires on \S+ \(skipped\)$",
+                         text, re.MULTILINE)
+    assert sorted(n for _, n in skipped) == sorted(names), text
+    assert "No renewals were attempted." in text
+    assert not (bot.work_dir / "certbot-batch").exists()
+    assert "certbot-batch renewal session" not in bot.log_text()
+
+
+# -- (b) .. (e) engaged ----------------------------------------------------------------------
+
+class Site:
+    """pebble + Apache + a responder serving pebble's directory with ARI, a registered
+    certbot, and a farm of webroot lineages pointing at that account and server."""
+
+    def __init__(self, flavour: str, tmp: Path, ca: FarmCA, apache: Apache,
+                 pebble: Pebble) -> None:
+        self.ca = ca
+        self.apache = apache
+        directory = requests.get(pebble.directory_url, verify=str(pebble.ca_bundle),
+                                 timeout=10).json()
+        self.responder = Responder(ca, acme_directory=directory).start()
+        self.bot = Certbot(flavour, tmp / "cb",
+                           AcmeVia(self.responder.directory_url, pebble.ca_bundle),
+                           env_extra=apache.env())
+        self.bot.register()
+        self.account = account_id(self.bot)
+
+    def add(self, count: int, prefix: str, webroot: Optional[Path] = None) -> list[str]:
+        return farm.make_farm(str(self.bot.config_dir), count, ca=self.ca,
+                              server=self.responder.directory_url,
+                              webroot=str(webroot or self.apache.webroot),
+                              account=self.account, name_fmt=prefix + "{i}.test")
+
+    def make_due(self, names: list[str]) -> None:
+        for name in names:
+            self.responder.set_window(farm.load_lineage_cert(str(self.bot.config_dir), name),
+                                      *PAST)
+
+    def renew(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.bot.run("renew", "--batch-engine", *args)
+
+
+@pytest.fixture
+def site(certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
+         pebble: Pebble, request: pytest.FixtureRequest) -> Iterator[Site]:
+    s = Site(certbot_flavour, tmp_path, ca, apache, pebble)
+    try:
+        yield s
+    finally:
+        s.responder.stop()
+        rep = getattr(request.node, "bed_report_call", None)
+        if rep is not None and rep.failed:
+            print(f"\n===== certbot {certbot_flavour} letsencrypt.log (tail) =====\n"
+                  f"{s.bot.log_text()[-20000:]}")
+
+
+def test_engaged_renews_exactly_the_due(site: Site) -> None:
+    bot = site.bot
+    due = site.add(2, "due")
+    idle = site.add(22, "idle")
+    site.make_due(due)
+
+    # (d) --cert-name of a lineage that is not due: nothing is renewed.
+    proc = site.renew("--cert-name", idle[0])
+    text = out(proc)
+    assert proc.returncode == 0, text
+    assert "certbot-batch: checked 1 lineage(s)" in text, text
+    assert "No renewals were attempted." in text, text
+    assert re.search(rf"^\s+{re.escape(idle[0])} expires on .*\(ARI\)\) \(skipped\)$", text,
+                     re.MULTILINE), text
+    assert site.responder.ari_requests == 1  # only that lineage was scanned
+    assert all(versions(bot, n) == 1 for n in due + idle)
+
+    # (b) the whole farm: exactly the due lineages are renewed against pebble.
+    proc = site.renew()
+    text = out(proc)
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text
+    assert f"checked {len(due) + len(idle)} lineage(s)" in text
+    assert f"{len(due)} due, {len(idle)} not due, 0 unreadable" in text
+    for name in due:
+        assert versions(bot, name) == 2, name
+        assert f"/live/{name}/fullchain.pem (success)" in text, text
+    for name in idle:
+        assert versions(bot, name) == 1, name
+        assert f"live/{name}/" not in text  # condensed: > 20 not due lineages
+    assert "Congratulations, all renewals succeeded" in flat(text), text
+    assert (f"{len(idle)} certificates are not due for renewal yet (the earliest to expire "
+            f"is") in flat(text), text
+    assert "certbot-batch status" in text
+    assert "renew failure" not in text and "(failure)" not in text
+    # The renewed certs come from pebble, not from the farm CA.
+    new = farm.load_lineage_cert(str(bot.config_dir), due[0])
+    assert "Pebble" in new.issuer.rfc4514_string() or "pebble" in \
+        new.issuer.rfc4514_string().lower(), new.issuer
+    # The state records the renewal and the next run is warm: no ARI request.
+    site.responder.reset_counters()
+    proc = site.renew()
+    assert proc.returncode == 0, out(proc)
+    assert all(versions(bot, n) == 2 for n in due)
+    # The renewed lineages' new certs are asked about (new serials), the others are not.
+    assert site.responder.ari_requests == len(due), site.responder.ari_requests_by_cert_id()
+
+
+def test_engaged_failure_is_named_others_renewed(site: Site, tmp_path: Path) -> None:
+    bot = site.bot
+    good = site.add(2, "good")
+    gone_root = tmp_path / "gone-webroot"
+    gone_root.mkdir()
+    [bad] = site.add(1, "bad", webroot=gone_root)
+    idle = site.add(2, "idle")
+    site.make_due(good + [bad])
+    shutil.rmtree(gone_root)  # the saved webroot of `bad` no longer exists
+
+    proc = site.renew()
+    text = out(proc)
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text
+    for name in good:
+        assert versions(bot, name) == 2, (name, text)
+        assert f"/live/{name}/fullchain.pem (success)" in text, text
+    assert versions(bot, bad) == 1
+    assert f"/live/{bad}/fullchain.pem (failure)" in text, text
+    assert "1 renew failure(s), 0 parse failure(s)" in text, text
+    for name in idle:
+        assert versions(bot, name) == 1
+        assert re.search(rf"^\s+{re.escape(name)} expires on .*\(skipped\)$", text,
+                         re.MULTILINE), text  # few not-due lineages: listed, not condensed
+
+
+def test_two_runs_at_once(site: Site) -> None:
+    bot = site.bot
+    names = site.add(4, "race")
+    site.make_due(names[:1])
+    site.responder.set_latency(0.5, kind="ari")  # keep the first run busy holding the lock
+    cmd = bot.command("renew", "--batch-engine")
+    env = bot.env()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=bot.base_dir) for _ in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        results.append((p.returncode, stdout + stderr))
+    for code, text in results:
+        assert "Traceback" not in text, text
+        if code != 0:  # the loser fails cleanly on certbot's lock
+            assert "Another instance of Certbot is already running" in text, text
+    assert any(code == 0 for code, _ in results), results
+    assert versions(bot, names[0]) == 2  # renewed exactly once
+    assert all(versions(bot, n) == 1 for n in names[1:])
+    conn = sqlite3.connect(str(state_db(bot)))
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = dict(conn.execute("SELECT name, reason FROM lineage").fetchall())
+    finally:
+        conn.close()
+    assert sorted(rows) == sorted(names)
+    status = subprocess.run(
+        [sys.executable, "-m", "certbot_batch.cli", "status", "--json",
+         "--config-dir", str(bot.config_dir), "--work-dir", str(bot.work_dir)],
+        capture_output=True, text=True, check=False)
+    doc = json.loads(status.stdout)
+    assert sorted(r["lineage"] for r in doc["lineages"]) == sorted(names)
