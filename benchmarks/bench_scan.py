@@ -193,8 +193,8 @@ class Bench:
                 if n >= 50000 and phase == "warm":
                     tgt = "<= 10 s, <= 300 MB"
                     ok = ours["wall_s"] <= 10.0 and ours["max_rss_mb"] <= 300.0
-                elif n >= 50000:
-                    tgt = "(none)"
+                elif n >= 50000 or n < 2000:
+                    tgt = "-"  # the issue sets targets at 2,000 (both) and 50,000 (warm)
                     ok = None
                 stock_wall = "-" if stock is None else (
                     ("~" if projected else "") + common.fmt_seconds(stock["wall_s"])

@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-import pytest
 from cryptography import x509
 
 from tests.bed import certs
@@ -304,3 +303,22 @@ def test_batch_apache_authenticator_two_reloads(certbot: Certbot, apache: Apache
     conf = certbot.renewal_conf(names[0]).read_text()
     assert "authenticator = batch-apache" in conf and "installer = batch-apache" in conf
     assert os.environ.get("APACHE_CONFDIR") != str(apache.root)  # the test process untouched
+
+
+def test_batch_apache_authenticator_outside_a_session(certbot: Certbot, apache: Apache,
+                                                      pebble: Pebble) -> None:
+    """certonly (no renewal session): serve + clean up with a reload each; a --dry-run
+    renewal reloads at cleanup (there is no final deployment reload in a dry run)."""
+    name = "single.example.test"
+    certbot.run("certonly", "-a", "batch-apache", *apache.certbot_args(), "-d", name,
+                check=True)
+    snippet = apache.root / "conf-enabled" / "certbot-batch-acme.conf"
+    assert apache.counts().graceful == 2, apache.ctl_calls()
+    assert not snippet.exists()
+    assert "authenticator = batch-apache" in certbot.renewal_conf(name).read_text()
+    apache.reset_counts()
+    proc = certbot.run("renew", "--dry-run", "-i", "batch-apache", *apache.certbot_args())
+    assert proc.returncode == 0, output_of(proc) + certbot.log_text()[-6000:]
+    assert apache.counts().graceful == 2, apache.ctl_calls()
+    assert parse_calls(apache) == []
+    assert not snippet.exists()

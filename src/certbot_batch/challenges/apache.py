@@ -49,6 +49,8 @@ class ApacheSettings:
     ctl: str
     server_root: str
     challenge_root: str
+    #: reload at cleanup instead of at the end of the run (--dry-run: no final flush)
+    reload_at_cleanup: bool = False
 
     @property
     def snippet_dir(self) -> str:
@@ -63,15 +65,16 @@ class ApacheSettings:
         return os.path.join(self.challenge_root, ".well-known", "acme-challenge")
 
 
-def settings_for(ctl: str, server_root: str, challenge_location: Optional[str]
-                 ) -> Optional[ApacheSettings]:
+def settings_for(ctl: str, server_root: str, challenge_location: Optional[str],
+                 reload_at_cleanup: bool = False) -> Optional[ApacheSettings]:
     """None when the layout has no conf-enabled/ (non-Debian): the caller falls back to
     certbot's own per-lineage Apache authenticator."""
     if not os.path.isdir(os.path.join(server_root, "conf-enabled")):
         return None
     base = challenge_location or server_root
     return ApacheSettings(ctl=ctl, server_root=server_root,
-                          challenge_root=os.path.join(base, CHALLENGE_DIR_NAME))
+                          challenge_root=os.path.join(base, CHALLENGE_DIR_NAME),
+                          reload_at_cleanup=reload_at_cleanup)
 
 
 def snippet_text(settings: ApacheSettings) -> str:
@@ -243,8 +246,8 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
         removed = self._remove_snippet()
         super().cleanup()
         if removed and self.settings is not None:
-            if not reload.request_reload(self.settings.ctl):
-                # No renewal session: nobody reloads at the end, do it now.
+            if self.settings.reload_at_cleanup or not reload.request_reload(self.settings.ctl):
+                # No renewal session (or a dry run): nobody reloads at the end, do it now.
                 try:
                     apachectl.graceful(self.settings.ctl)
                 except errors.Error as exc:

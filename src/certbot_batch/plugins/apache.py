@@ -94,7 +94,8 @@ class BatchApacheConfigurator(common.Configurator):
     # -- Plugin -----------------------------------------------------------------------
     def challenge_settings(self) -> Optional[ApacheSettings]:
         return settings_for(self.ctl(), reload.server_root(self.config),
-                            getattr(self.config, "apache_challenge_location", None))
+                            getattr(self.config, "apache_challenge_location", None),
+                            reload_at_cleanup=bool(getattr(self.config, "dry_run", False)))
 
     def prepare(self) -> None:
         # Cheap checks only: the parse is deferred until an edit is really needed.
