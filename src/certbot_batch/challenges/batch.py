@@ -34,6 +34,10 @@ class ChallengeBatch:
         self.cleanup_calls = 0
         self.files_provisioned = 0
 
+    def locked(self) -> threading.Condition:
+        """The batch's (reentrant) lock: nothing is provisioned or cleaned up meanwhile."""
+        return self._cond
+
     def is_participant(self, lineage: Optional[str]) -> bool:
         with self._cond:
             return lineage is not None and (lineage in self._pending or

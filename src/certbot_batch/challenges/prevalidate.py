@@ -12,11 +12,15 @@ with the CA's error, without a second validation attempt.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import logging
+import os
+import signal
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from certbot_batch import _certbot, paths
 from certbot_batch.challenges.apache import ApacheChallengeProvisioner
@@ -52,28 +56,84 @@ class PrevalidationReport:
         return [n for n, r in self.results.items() if isinstance(r, BaseException)]
 
 
-def _obtain_one(config: Any, conf_file: str, name: str, plugins: Any,
-                batch: ChallengeBatch) -> Any:
+def _obtain_one(config: Any, conf_file: str, name: str, batch: ChallengeBatch) -> Any:
     with _certbot.lineage_context(name):
         try:
             lineage_config = copy.deepcopy(config)
             lineage = _certbot.reconstitute(lineage_config, conf_file)
             if lineage is None:
                 raise ValueError(f"renewal conf {conf_file} could not be loaded")
+            # A registry of its own: certbot caches the initialised plugin (built from one
+            # lineage's config: webroot map, ...) on the registry's entry points.
+            plugins = _certbot.find_plugins()
             obtain = _certbot.prepare_obtain(lineage_config, lineage, plugins)
             return obtain()
         finally:
             batch.depart(name)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGINT while a wave is out: remove its challenge files, then die of the signal.
+
+    The lineages' workers are deep inside certbot's obtain_certificate (polling the CA), where
+    neither certbot's own signal handling (main thread only) nor a KeyboardInterrupt reaches
+    them, so the process must not wait for them. Holding the batch's lock while cleaning up
+    and re-raising keeps any worker from provisioning again in between.
+    """
+    batch = _active
+    if batch is None:
+        _die(signum)
+        return
+    with batch.locked():
+        try:
+            batch.finish()
+            logger.warning("certbot-batch: interrupted by signal %d; challenge files removed",
+                           signum)
+        except Exception:  # noqa: BLE001  (the journal lets the next run finish the job)
+            logger.exception("certbot-batch: cleanup after signal %d failed; the next run "
+                             "removes the leftovers (journal)", signum)
+        _die(signum)
+
+
+def _die(signum: int) -> None:
+    logging.shutdown()  # flush certbot's log file
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    # Not reached for SIGTERM/SIGINT with SIG_DFL; belt and braces.
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_cleanup() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def run(config: Any, lineages: list[tuple[str, str]], wave_size: int = 100) -> \
         PrevalidationReport:
     """``lineages``: (name, renewal conf path). Returns each lineage's obtain_certificate
     result, or the exception it raised."""
+    with _stop_signals_cleanup():
+        return _run(config, lineages, wave_size)
+
+
+def _run(config: Any, lineages: list[tuple[str, str]], wave_size: int) -> PrevalidationReport:
     global _active
     t0 = time.monotonic()
     report = PrevalidationReport(results={})
-    plugins = _certbot.find_plugins()
+    _certbot.find_plugins()  # fills the session's entry-point cache before the threads start
     journal = Journal(paths.journal_path(config))
     for start in range(0, len(lineages), max(1, wave_size)):
         wave = lineages[start:start + wave_size]
@@ -84,7 +144,7 @@ def run(config: Any, lineages: list[tuple[str, str]], wave_size: int = 100) -> \
             # rendezvous at the same time. The wave size bounds the load on the CA.
             with concurrent.futures.ThreadPoolExecutor(
                     max_workers=len(wave), thread_name_prefix="certbot-batch-obtain") as pool:
-                futures = {pool.submit(_obtain_one, config, conf, name, plugins, batch): name
+                futures = {pool.submit(_obtain_one, config, conf, name, batch): name
                            for name, conf in wave}
                 for fut in concurrent.futures.as_completed(futures):
                     name = futures[fut]

@@ -345,42 +345,18 @@ class Scanner:
         known = self.db.load_all()
         states: list[LineageState] = []
         broken: dict[str, str] = {}
-        todo: list[tuple[LineageState, bool, bool]] = []
-        for path in conf_files:
-            name = os.path.basename(path)[:-len(".conf")]
-            state = known.get(name) or LineageState(name=name)
-            state.conf_path = path
-            states.append(state)
-            try:
-                st = os.stat(path)
-                conf_sig = f"{st.st_mtime_ns}:{st.st_size}"
-                if conf_sig != state.conf_sig or not state.cert_path:
-                    read_conf(state, path)
-                    state.conf_sig = conf_sig
-                assert state.cert_path
-                cert_sig = _cert_sig(state.cert_path)
-                if cert_sig != state.cert_sig or state.not_after is None:
-                    state.reset_cert_facts()
-                    read_cert(state)
-                    state.cert_sig = cert_sig
-            except (OSError, ValueError, AssertionError) as exc:
-                msg = str(exc) if not isinstance(exc, OSError) else \
-                    f"{exc.strerror or exc}: {exc.filename or path}"
-                broken[name] = msg
-                state.conf_sig = ""  # re-read next time
-                state.cert_sig = ""
-                state.last_error = f"lineage {name}: {msg}"
-                state.due, state.reason = True, "unreadable: certbot will report it"
-                continue
-            if self.settings.force or self.settings.dry_run or not state.autorenew:
-                continue
-            want_ari = bool(state.server and state.ari_cert_id) and (
-                state.next_check is None or state.next_check <= now)
-            want_ocsp = bool(state.ocsp_url) and state.window_start is None and (
-                state.ocsp_next is None or state.ocsp_next <= now)
-            if want_ari or want_ocsp:
-                todo.append((state, want_ari, want_ocsp))
-        self._run_network(todo, now)
+        # Network checks start while the remaining confs are still being read: the reading
+        # is CPU work in this thread, the checks mostly wait for the CA.
+        net = _NetworkRun(self, now)
+        try:
+            for path in conf_files:
+                want = self._read_one(path, known, now, states, broken)
+                if want is not None:
+                    net.submit(*want)
+        except BaseException:
+            net.abort()
+            raise
+        net.finish()
         for state in states:
             if state.name in broken:
                 continue
@@ -392,29 +368,92 @@ class Scanner:
         return ScanReport(states=states, broken=broken, ari_requests=self._counts["ari"],
                           ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0)
 
-    def _run_network(self, todo: list[tuple[LineageState, bool, bool]], now: float) -> None:
-        if not todo:
+    def _read_one(self, path: str, known: dict[str, LineageState], now: float,
+                  states: list[LineageState], broken: dict[str, str]
+                  ) -> Optional[tuple[LineageState, bool, bool]]:
+        """Refresh one lineage's conf/cert facts; (state, want_ari, want_ocsp) when the CA
+        must be asked about it."""
+        name = os.path.basename(path)[:-len(".conf")]
+        state = known.get(name) or LineageState(name=name)
+        state.conf_path = path
+        states.append(state)
+        try:
+            st = os.stat(path)
+            conf_sig = f"{st.st_mtime_ns}:{st.st_size}"
+            if conf_sig != state.conf_sig or not state.cert_path:
+                read_conf(state, path)
+                state.conf_sig = conf_sig
+            assert state.cert_path
+            cert_sig = _cert_sig(state.cert_path)
+            if cert_sig != state.cert_sig or state.not_after is None:
+                state.reset_cert_facts()
+                read_cert(state)
+                state.cert_sig = cert_sig
+        except (OSError, ValueError, AssertionError) as exc:
+            msg = str(exc) if not isinstance(exc, OSError) else \
+                f"{exc.strerror or exc}: {exc.filename or path}"
+            broken[name] = msg
+            state.conf_sig = ""  # re-read next time
+            state.cert_sig = ""
+            state.last_error = f"lineage {name}: {msg}"
+            state.due, state.reason = True, "unreadable: certbot will report it"
+            return None
+        if self.settings.force or self.settings.dry_run or not state.autorenew:
+            return None
+        want_ari = bool(state.server and state.ari_cert_id) and (
+            state.next_check is None or state.next_check <= now)
+        want_ocsp = bool(state.ocsp_url) and state.window_start is None and (
+            state.ocsp_next is None or state.ocsp_next <= now)
+        if want_ari or want_ocsp:
+            return state, want_ari, want_ocsp
+        return None
+
+
+class _NetworkRun:
+    """The scan's ARI/OCSP checks: a bounded thread pool, created on the first submission;
+    results are applied in the scanning thread (by :meth:`finish`)."""
+
+    def __init__(self, scanner: Scanner, now: float) -> None:
+        self.scanner = scanner
+        self.now = now
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.futures: dict[concurrent.futures.Future[_NetResult], LineageState] = {}
+
+    def submit(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> None:
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, self.scanner.settings.workers),
+                thread_name_prefix="certbot-batch-scan")
+        fut = self.pool.submit(self.scanner._check, state, want_ari, want_ocsp)
+        self.futures[fut] = state
+
+    def abort(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def finish(self) -> None:
+        if self.pool is None:
             return
-        total = len(todo)
+        scanner, now = self.scanner, self.now
+        progress = scanner.settings.progress
+        total = len(self.futures)
         done = 0
         last_progress = time.monotonic()
-        workers = max(1, min(self.settings.workers, total))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                   thread_name_prefix="certbot-batch-scan") \
-                as pool:
-            futures = {pool.submit(self._check, st, a, o): st for st, a, o in todo}
-            for fut in concurrent.futures.as_completed(futures):
-                state = futures[fut]
+        try:
+            for fut in concurrent.futures.as_completed(self.futures):
+                state = self.futures[fut]
                 try:
-                    self._apply(state, fut.result(), now)
+                    scanner._apply(state, fut.result(), now)
                 except Exception as exc:  # noqa: BLE001  (one lineage never stops the scan)
                     state.failures += 1
                     state.last_error = f"status check failed: {exc}"
                     state.next_check = now + 300
                 done += 1
-                if self.settings.progress and time.monotonic() - last_progress > 1.0:
+                if progress and time.monotonic() - last_progress > 1.0:
                     last_progress = time.monotonic()
                     sys.stderr.write(f"\rcertbot-batch: checked {done}/{total} lineages")
                     sys.stderr.flush()
-        if self.settings.progress and total:
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if progress and total:
             sys.stderr.write(f"\rcertbot-batch: checked {total}/{total} lineages\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import os
 import sqlite3
 import time
@@ -67,6 +68,10 @@ class LineageState:
 
 _FIELDS = [f.name for f in dataclasses.fields(LineageState)]
 _BOOL_FIELDS = {"autorenew", "due"}
+# Every field is a scalar: a flat attrgetter, not dataclasses.astuple (which deep-copies each
+# value and took 2 of the 3.7 s of a warm 50,000-lineage run).
+_ROW = operator.attrgetter(*_FIELDS)
+_BOOL_INDEXES = tuple(i for i, f in enumerate(_FIELDS) if f in _BOOL_FIELDS)
 
 
 def _ddl() -> str:
@@ -164,8 +169,12 @@ class StateDB:
         return out
 
     def save(self, states: Iterable[LineageState]) -> None:
-        rows = [tuple(int(v) if isinstance(v, bool) else v
-                      for v in dataclasses.astuple(s)) for s in states]
+        rows = []
+        for s in states:
+            row = list(_ROW(s))
+            for i in _BOOL_INDEXES:
+                row[i] = int(row[i])
+            rows.append(row)
         if not rows:
             return
         sql = (f"INSERT OR REPLACE INTO lineage ({', '.join(_FIELDS)}) "
