@@ -205,7 +205,7 @@ class Bench:
                 mark = "" if ok is None else (" ✔" if ok else " ✘")
                 lines.append(
                     f"| {phase} | {n:,} | {stock_wall} | {common.fmt_seconds(ours['wall_s'])} "
-                    f"| {'-' if speed is None else f'{speed:,.0f}x'} "
+                    f"| {_speed(speed)} "
                     f"| {reqs} → {_reqs(ours['requests'])} "
                     f"| {rss_s} / {ours['max_rss_mb']:.0f} MB | {tgt}{mark} |")
             rv = v.get("ours_retry_passed")
@@ -215,6 +215,12 @@ class Bench:
                     f"| {common.fmt_seconds(rv['wall_s'])} | - | - → {_reqs(rv['requests'])} "
                     f"| - / {rv['max_rss_mb']:.0f} MB | only those asked |")
         return "\n".join(lines)
+
+
+def _speed(speed: Optional[float]) -> str:
+    if speed is None:
+        return "-"
+    return f"{speed:.1f}x" if speed < 100 else f"{speed:,.0f}x"
 
 
 def _reqs(r: dict[str, int], projected: bool = False) -> str:

@@ -110,6 +110,12 @@ class Bed:
         return sorted(str(p.relative_to(self.webroot)) for p in self.webroot.rglob("*"))
 
 
+def no_deactivation(bed: Bed) -> bool:
+    log = bed.certbot_log_since()
+    assert "JWS payload" in log  # acme logs what certbot sends: the check below means something
+    return not DEACTIVATION.search(log)
+
+
 def summary(proc: subprocess.CompletedProcess[str]) -> tuple[int, int, int, int, int]:
     found = SUMMARY.findall(out(proc))
     assert len(found) == 1, out(proc)
@@ -151,7 +157,7 @@ def test_renews_all_with_one_provisioning(bed: Bed) -> None:
     assert summary(proc) == (k, 0, 1, 1, k)
     assert bed.orders() == k
     assert bed.challenge_posts() == k
-    assert not DEACTIVATION.search(bed.certbot_log_since())
+    assert no_deactivation(bed)
     for name in names:
         assert bed.versions(name) == 2, name
         assert bed.live_target(name).endswith(f"archive/{name}/cert2.pem"), name
@@ -178,7 +184,11 @@ def test_switch_from_webroot_and_webroot_map(bed: Bed, tmp_path: Path) -> None:
     proc = bed.renew("--force-renewal", "-a", "batch-webroot")
     text = out(proc)
     assert proc.returncode == 0, text
-    assert summary(proc) == (2, 0, 1, 1, 3)  # w1.test has two names
+    ok, failed, provisions, cleanups, files = summary(proc)
+    # These names were validated before (certonly): pebble with PEBBLE_AUTHZREUSE=0 still
+    # reuses a valid authorization now and then, so up to 3 files (w1.test has two names).
+    assert (ok, failed) == (2, 0)
+    assert provisions == cleanups == 1 and 1 <= files <= 3 or provisions == files == 0
     assert bed.orders() == 2
     for name in ("w1.test", "w2.test"):
         assert bed.versions(name) == 2, name
@@ -227,7 +237,7 @@ def test_unvalidated_lineages_fail_once(bed: Bed, tmp_path: Path) -> None:
         assert bed.validations(name) == 1, name
     assert bed.orders() == 6
     assert bed.challenge_posts() == 6
-    assert not DEACTIVATION.search(bed.certbot_log_since())
+    assert no_deactivation(bed)
     assert "Traceback" not in proc.stderr
     assert list(unserved.rglob("*")) == []
     assert bed.webroot_entries() == []

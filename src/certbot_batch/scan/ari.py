@@ -24,8 +24,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import requests
+import urllib3
 from cryptography import x509
 from requests.adapters import HTTPAdapter
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_environ_proxies
 
 from certbot_batch import __version__
 from certbot_batch.scan.ratelimit import RateLimiter, key_for_url, parse_retry_after
@@ -351,6 +353,11 @@ def http_exchange(session: requests.Session, method: str, url: str, *, timeout: 
     connect, read = _timeouts(timeout)
     budget = total_timeout if total_timeout is not None else connect + read
     started = time.monotonic()
+    pool = _direct_pool(session, url)
+    if pool is not None:
+        return _urllib3_exchange(pool, session, method, url, connect=connect, read=read,
+                                 budget=budget, started=started, max_bytes=max_bytes,
+                                 headers=headers, data=data)
     try:
         resp = session.request(method, url, headers=dict(headers or {}), data=data,
                                timeout=(connect, read), stream=True, allow_redirects=True)
@@ -391,6 +398,111 @@ def http_exchange(session: requests.Session, method: str, url: str, *, timeout: 
                          headers=resp.headers, body=b"".join(chunks))
     finally:
         resp.close()
+
+
+# Scans send tens of thousands of small requests; requests' per-request machinery (hooks,
+# cookies, adapters, environment lookups) costs ~0.6 ms of CPU each, urllib3 underneath it
+# about a third of that. A plain Session (no proxy for the URL, no auth, no client cert)
+# therefore talks to urllib3 directly, with the same CA-bundle rules requests applies;
+# anything else goes through requests unchanged.
+_direct = threading.local()
+_direct_ok: Dict[Tuple[str, Any], Optional[str]] = {}
+_direct_lock = threading.Lock()
+
+
+def _ca_bundle(session: requests.Session) -> Optional[str]:
+    """requests' choice of CA bundle; None means "do not verify"."""
+    if session.verify is False:
+        return None
+    if isinstance(session.verify, str):
+        return session.verify
+    if session.trust_env:
+        import os
+
+        for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            if os.environ.get(var):
+                return os.environ[var]
+    return str(DEFAULT_CA_BUNDLE_PATH)
+
+
+def _direct_pool(session: requests.Session, url: str) -> Optional[urllib3.PoolManager]:
+    if type(session) is not requests.Session or session.proxies or session.auth \
+            or session.cert or session.hooks.get("response"):
+        return None
+    origin = url.split("/", 3)[:3]
+    key = ("/".join(origin), session.verify)
+    with _direct_lock:
+        if key not in _direct_ok:
+            proxies = get_environ_proxies(url) if session.trust_env else {}
+            _direct_ok[key] = None if proxies else "ok"
+        if _direct_ok[key] is None:
+            return None
+    bundle = _ca_bundle(session)
+    pools: Dict[Optional[str], urllib3.PoolManager] = getattr(_direct, "pools", None) or {}
+    _direct.pools = pools
+    pool = pools.get(bundle)
+    if pool is None:
+        if bundle is None:
+            pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_NONE")
+        else:
+            pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_REQUIRED",
+                                       ca_certs=bundle)
+        pools[bundle] = pool
+    return pool
+
+
+def _urllib3_exchange(pool: urllib3.PoolManager, session: requests.Session, method: str,
+                      url: str, *, connect: float, read: float, budget: float, started: float,
+                      max_bytes: int, headers: Optional[Mapping[str, str]],
+                      data: Optional[bytes]) -> HttpReply:
+    merged = {k: v for k, v in session.headers.items() if v is not None}
+    merged.update(headers or {})
+    try:
+        resp = pool.request(method, url, headers=merged, body=data,
+                            timeout=urllib3.Timeout(connect=connect, read=read),
+                            preload_content=False, redirect=True, retries=urllib3.Retry(
+                                total=False, redirect=5, raise_on_redirect=False))
+    except urllib3.exceptions.SSLError as exc:
+        raise HttpFailure("connection", f"TLS error talking to {url}: {exc}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        if _is_timeout(exc):
+            raise HttpFailure("timeout", f"no answer from {url} within {connect:g} s "
+                              f"(connect) / {read:g} s (read)") from exc
+        if isinstance(exc, urllib3.exceptions.LocationValueError):
+            raise HttpFailure("connection", f"invalid URL {url!r}: {exc}") from exc
+        raise HttpFailure("connection", f"cannot connect to {url}: {exc}") from exc
+    except ValueError as exc:
+        raise HttpFailure("connection", f"invalid URL {url!r}: {exc}") from exc
+    try:
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+            raise HttpFailure("malformed", f"{url} sent a {int(length)}-byte body "
+                              f"(more than the {max_bytes} bytes expected)")
+        chunks: List[bytes] = []
+        size = 0
+        try:
+            for chunk in resp.stream(16384):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise HttpFailure("malformed", f"{url} sent more than the {max_bytes} "
+                                      "bytes expected")
+                chunks.append(chunk)
+                if time.monotonic() - started > budget:
+                    raise HttpFailure("timeout", f"{url} did not finish its answer within "
+                                      f"{budget:g} s")
+        except urllib3.exceptions.HTTPError as exc:
+            if _is_timeout(exc):
+                raise HttpFailure("timeout", f"{url} stopped sending its answer (read "
+                                  f"timeout {read:g} s)") from exc
+            raise HttpFailure("connection", f"connection to {url} broke while reading the "
+                              f"answer: {exc}") from exc
+        final = resp.geturl() or ""
+        # urllib3 may report only the path of the final URL: keep the absolute one.
+        final = final if "://" in final else url
+        return HttpReply(url=final, status=resp.status,
+                         headers=resp.headers, body=b"".join(chunks))
+    finally:
+        resp.release_conn()
 
 
 # ----------------------------------------------------------------------------------------
