@@ -299,7 +299,34 @@ class Apache:
         self.apache2ctl("graceful")
         self._wait(lambda: ports.is_listening(self.http_port), "Apache after reload")
 
+    def _own_processes(self) -> list[int]:
+        """Every apache2 process started on this root (pid file or not)."""
+        needle = f"-d\0{self.root}\0".encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read()
+            except OSError:
+                continue
+            if needle in cmdline + b"\0":
+                pids.append(int(entry))
+        return pids
+
     def stop(self) -> None:
+        try:
+            self._stop()
+        finally:
+            # Whatever a test did to the pid file or the config, never leave a server behind.
+            for pid in self._own_processes():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _stop(self) -> None:
         pid = self.pid()
         if pid is None or not self.is_running():
             return
