@@ -17,7 +17,7 @@ per-lineage cost, from which the K-lineage stock run is projected).
 
 Usage::
 
-    /tmp/venv58/bin/python benchmarks/bench_apache.py [--flavour pypi|deb] \
+    .venv-pypi/bin/python benchmarks/bench_apache.py [--flavour pypi|deb] \
         [--sizes 100,1000] [--stock-sizes 100] [--due 20] [--stock-sample-sizes 1000]
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ plugin discovery, certbot's per-lineage loop saving the lineages).
 
 Usage::
 
-    /tmp/venv58/bin/python benchmarks/bench_challenges.py [--flavour pypi|deb] [-k 50]
+    .venv-pypi/bin/python benchmarks/bench_challenges.py [--flavour pypi|deb] [-k 50]
         [--sleeptime 5] [--json FILE] [--profile] [--keep]
 
 ``--profile`` runs ours once more under cProfile (on a third copy) and prints the top
