@@ -220,12 +220,13 @@ def test_switch_from_webroot_and_webroot_map(bed: Bed, tmp_path: Path) -> None:
 def test_unvalidated_lineages_fail_once(bed: Bed, tmp_path: Path) -> None:
     unserved = tmp_path / "unserved"  # exists, writable, but Apache does not serve it
     unserved.mkdir()
-    good = bed.add(4, "good")
-    bad = bed.add(2, "bad", webroot=unserved)
+    # The case: K=20, of which 5 cannot be validated.
+    good = bed.add(15, "good")
+    bad = bed.add(5, "bad", webroot=unserved)
     proc = bed.renew("--force-renewal", "-a", "batch-webroot")
     text = out(proc)
     assert proc.returncode != 0, text
-    assert summary(proc) == (4, 2, 1, 1, 6)
+    assert summary(proc) == (15, 5, 1, 1, 20)
     for name in good:
         assert bed.versions(name) == 2, name
     for name in bad:
@@ -235,8 +236,8 @@ def test_unvalidated_lineages_fail_once(bed: Bed, tmp_path: Path) -> None:
         assert re.search(rf"{re.escape(name)}.*404", text), text
         # exactly one validation attempt, no retry within the run
         assert bed.validations(name) == 1, name
-    assert bed.orders() == 6
-    assert bed.challenge_posts() == 6
+    assert bed.orders() == 20
+    assert bed.challenge_posts() == 20
     assert no_deactivation(bed)
     assert "Traceback" not in proc.stderr
     assert list(unserved.rglob("*")) == []
