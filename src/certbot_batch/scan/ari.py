@@ -372,32 +372,41 @@ def http_exchange(session: requests.Session, method: str, url: str, *, timeout: 
             raise HttpFailure("connection", f"invalid URL {url!r}: {exc}") from exc
         raise HttpFailure("connection", f"cannot connect to {url}: {exc}") from exc
     try:
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-            raise HttpFailure("malformed", f"{url} sent a {int(length)}-byte body "
-                              f"(more than the {max_bytes} bytes expected)")
-        chunks: List[bytes] = []
-        size = 0
-        try:
-            for chunk in resp.iter_content(16384):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise HttpFailure("malformed", f"{url} sent more than the {max_bytes} "
-                                      "bytes expected")
-                chunks.append(chunk)
-                if time.monotonic() - started > budget:
-                    raise HttpFailure("timeout", f"{url} did not finish its answer within "
-                                      f"{budget:g} s")
-        except requests.exceptions.RequestException as exc:
-            if _is_timeout(exc):
-                raise HttpFailure("timeout", f"{url} stopped sending its answer (read "
-                                  f"timeout {read:g} s)") from exc
-            raise HttpFailure("connection", f"connection to {url} broke while reading the "
-                              f"answer: {exc}") from exc
+        body = _read_body(resp.headers, resp.iter_content(16384),
+                          requests.exceptions.RequestException, url=url, max_bytes=max_bytes,
+                          started=started, budget=budget, read=read)
         return HttpReply(url=resp.url or url, status=resp.status_code,
-                         headers=resp.headers, body=b"".join(chunks))
+                         headers=resp.headers, body=body)
     finally:
         resp.close()
+
+
+def _read_body(headers: Mapping[str, str], chunks_iter: Any, transport_error: Any, *,
+               url: str, max_bytes: int, started: float, budget: float, read: float) -> bytes:
+    """Read a body within size and time bounds; transport errors -> :class:`HttpFailure`."""
+    length = headers.get("Content-Length")
+    if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+        raise HttpFailure("malformed", f"{url} sent a {int(length)}-byte body "
+                          f"(more than the {max_bytes} bytes expected)")
+    chunks: List[bytes] = []
+    size = 0
+    try:
+        for chunk in chunks_iter:
+            size += len(chunk)
+            if size > max_bytes:
+                raise HttpFailure("malformed", f"{url} sent more than the {max_bytes} "
+                                  "bytes expected")
+            chunks.append(chunk)
+            if time.monotonic() - started > budget:
+                raise HttpFailure("timeout", f"{url} did not finish its answer within "
+                                  f"{budget:g} s")
+    except transport_error as exc:
+        if _is_timeout(exc):
+            raise HttpFailure("timeout", f"{url} stopped sending its answer (read "
+                              f"timeout {read:g} s)") from exc
+        raise HttpFailure("connection", f"connection to {url} broke while reading the "
+                          f"answer: {exc}") from exc
+    return b"".join(chunks)
 
 
 # Scans send tens of thousands of small requests; requests' per-request machinery (hooks,
@@ -474,33 +483,13 @@ def _urllib3_exchange(pool: urllib3.PoolManager, session: requests.Session, meth
     except ValueError as exc:
         raise HttpFailure("connection", f"invalid URL {url!r}: {exc}") from exc
     try:
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-            raise HttpFailure("malformed", f"{url} sent a {int(length)}-byte body "
-                              f"(more than the {max_bytes} bytes expected)")
-        chunks: List[bytes] = []
-        size = 0
-        try:
-            for chunk in resp.stream(16384):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise HttpFailure("malformed", f"{url} sent more than the {max_bytes} "
-                                      "bytes expected")
-                chunks.append(chunk)
-                if time.monotonic() - started > budget:
-                    raise HttpFailure("timeout", f"{url} did not finish its answer within "
-                                      f"{budget:g} s")
-        except urllib3.exceptions.HTTPError as exc:
-            if _is_timeout(exc):
-                raise HttpFailure("timeout", f"{url} stopped sending its answer (read "
-                                  f"timeout {read:g} s)") from exc
-            raise HttpFailure("connection", f"connection to {url} broke while reading the "
-                              f"answer: {exc}") from exc
+        body = _read_body(resp.headers, resp.stream(16384), urllib3.exceptions.HTTPError,
+                          url=url, max_bytes=max_bytes, started=started, budget=budget,
+                          read=read)
         final = resp.geturl() or ""
         # urllib3 may report only the path of the final URL: keep the absolute one.
         final = final if "://" in final else url
-        return HttpReply(url=final, status=resp.status,
-                         headers=resp.headers, body=b"".join(chunks))
+        return HttpReply(url=final, status=resp.status, headers=resp.headers, body=body)
     finally:
         resp.release_conn()
 
