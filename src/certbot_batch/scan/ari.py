@@ -464,7 +464,9 @@ def _urllib3_exchange(pool: urllib3.PoolManager, session: requests.Session, meth
                       url: str, *, connect: float, read: float, budget: float, started: float,
                       max_bytes: int, headers: Optional[Mapping[str, str]],
                       data: Optional[bytes]) -> HttpReply:
-    merged = {k: v for k, v in session.headers.items() if v is not None}
+    merged: Dict[str, str] = {
+        k: v.decode("latin-1") if isinstance(v, bytes) else str(v)
+        for k, v in session.headers.items() if v is not None}
     merged.update(headers or {})
     try:
         resp = pool.request(method, url, headers=merged, body=data,
