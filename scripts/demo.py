@@ -53,6 +53,7 @@ def main() -> int:
     args = ap.parse_args()
     base = Path(args.keep or tempfile.mkdtemp(prefix="certbot-batch-demo-"))
     base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)  # mkdtemp makes it 0700: Apache's www-data must reach the webroot
     try:
         return run(args, base)
     finally:
