@@ -249,3 +249,27 @@ def test_two_runs_at_once(site: Site) -> None:
         capture_output=True, text=True, check=False)
     doc = json.loads(status.stdout)
     assert sorted(r["lineage"] for r in doc["lineages"]) == sorted(names)
+
+
+def test_orders_inside_the_ari_window_send_replaces(site: Site) -> None:
+    """RFC 9773 section 5: a renewal inside the certificate's ARI window names the certificate
+    it replaces (the rate-limit exemption); one outside its window (forced) does not.
+    Pebble 2.4 ignores the field, so the payload in certbot's debug log is what we check."""
+    bot = site.bot
+    in_window = site.add(2, "win")
+    forced = site.add(1, "forced")
+    site.make_due(in_window)
+    ids = farm.lineage_cert_ids(str(bot.config_dir))
+    proc = site.bot.run("renew", "-a", "batch-webroot")
+    text = out(proc)
+    assert proc.returncode == 0, text
+    log = bot.log_text()
+    for name in in_window:
+        assert versions(bot, name) == 2, name
+        assert re.search(rf'"replaces":\s*"{re.escape(ids[name])}"', log), name
+    assert versions(bot, forced[0]) == 1
+    proc = site.bot.run("renew", "-a", "batch-webroot", "--force-renewal",
+                        "--cert-name", forced[0])
+    assert proc.returncode == 0, out(proc)
+    assert versions(bot, forced[0]) == 2
+    assert not re.search(rf'"replaces":\s*"{re.escape(ids[forced[0]])}"', bot.log_text())

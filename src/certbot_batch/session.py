@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from certbot import errors
 
 from certbot_batch import _certbot, paths
-from certbot_batch.challenges import prevalidate
+from certbot_batch.challenges import prevalidate, replaces
 from certbot_batch.challenges.journal import Journal
 from certbot_batch.deploy import hooks as batch_hooks
 from certbot_batch.deploy import reload
@@ -112,12 +112,13 @@ class RenewalSession:
                                        should_renew=self._should_renew,
                                        renew_cert=self._renew_cert,
                                        cache_plugins=True):
-                    prefetched = self._prevalidate(report)
-                    with _certbot.override(prefetched=prefetched):
-                        try:
-                            self.original(config)
-                        except errors.Error as exc:
-                            failure = exc
+                    with replaces.sending_replaces(self._replaces_for_current):
+                        prefetched = self._prevalidate(report)
+                        with _certbot.override(prefetched=prefetched):
+                            try:
+                                self.original(config)
+                            except errors.Error as exc:
+                                failure = exc
             finally:
                 reload.end()
             problems = []
@@ -137,6 +138,16 @@ class RenewalSession:
                 raise errors.Error("; ".join(problems))
         finally:
             self.db.close()
+
+    def _replaces_for_current(self) -> Optional[str]:
+        """The certID a new order of the current thread's lineage replaces (ARI), if its
+        certificate is inside its suggested window (not for dry runs: nothing is replaced)."""
+        if self.report is None or getattr(self.config, "dry_run", False):
+            return None
+        state = self.report.by_name().get(_certbot.current_lineage() or "")
+        if state is None or not state.ari_cert_id or state.window_start is None:
+            return None
+        return state.ari_cert_id if state.window_start <= time.time() else None
 
     def _prevalidate(self, report: ScanReport) -> dict[str, Any]:
         """Validate all due lineages of batch-capable authenticators together."""

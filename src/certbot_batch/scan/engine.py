@@ -56,7 +56,11 @@ class ScanReport:
     elapsed: float = 0.0
 
     def by_name(self) -> dict[str, LineageState]:
-        return {s.name: s for s in self.states}
+        index: Optional[dict[str, LineageState]] = self.__dict__.get("_by_name")
+        if index is None or len(index) != len(self.states):
+            index = {s.name: s for s in self.states}
+            self.__dict__["_by_name"] = index
+        return index
 
     @property
     def due(self) -> list[LineageState]:
