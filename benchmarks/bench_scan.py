@@ -17,9 +17,17 @@ Per size, each flavour on its own copy of the farm, one after the other:
   certbot-batch stays out of the way (checked: no "certbot-batch:" line in its output). Run
   twice: cold, then warm (stock stores ``ari_retry_after`` in every renewal conf, so its second
   run skips ARI; it still asks OCSP for every cert).
-* ours: the same with ``--batch-engine``: cold (no state database), warm (second run), and a
-  "10% Retry-After passed" run: ``next_check`` of every 10th lineage is moved into the past in
-  the state database; only those lineages may be asked.
+* ours: the same with ``--batch-engine``: cold (no state database), warm (second run), and
+  "10% Retry-After passed" runs, where only every 10th lineage may be asked:
+  - from the CA (sizes up to ``--ra-max``, 2,000): before ours' cold run the responder is told
+    to answer every 10th lineage with ``Retry-After: 60`` (the smallest we honour), the others
+    with 6 h; the warm run right after the cold one must ask nothing; then, once 60 s have
+    passed since the cold run (polled, not slept blindly), one more run must ask exactly those;
+  - in the state database (every size): ``next_check`` of every 10th lineage is moved into the
+    past.
+
+``--flavour deb`` runs the same with Debian's certbot 2.1 (stock 2.1 has no ARI; ours does ARI
+on it), e.g. ``--flavour deb --sizes 200``.
 
 Sizes above ``--stock-max`` (2,000) run ours only; stock's time there is projected linearly from
 the largest stock run (it is serial: ~117 ms per lineage at 50 ms latency, hours at 50,000).
@@ -31,6 +39,7 @@ failed; missed speed targets are reported, not fatal.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pstats
@@ -40,13 +49,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from cryptography import x509
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from tests.bed.responder import Responder  # noqa: E402
+from tests.bed.responder import Responder, cert_id  # noqa: E402
 
-FLAVOUR = "pypi"
 STOCK_MARK = "certbot-batch:"
+#: Retry-After the responder gives every 10th lineage in the "from the CA" variant: the
+#: smallest our scan honours (scan/ari.py MIN_RETRY_AFTER).
+RA_SHORT = 60
 
 
 class Bench:
@@ -54,6 +67,7 @@ class Bench:
         self.args = args
         self.results: dict[str, Any] = {"sizes": {}, "checks": [], "notes": []}
         self.failed_checks = 0
+        self.flavour: str = args.flavour
 
     # -- helpers -------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -68,7 +82,7 @@ class Bench:
 
     def run(self, base: Path, label: str, responder: Responder, *extra: str,
             python_wrapper: Optional[list[str]] = None) -> common.RunResult:
-        res = common.run_certbot(FLAVOUR, base, "renew", *extra, label=label,
+        res = common.run_certbot(self.flavour, base, "renew", *extra, label=label,
                                  responder=responder, python_wrapper=python_wrapper,
                                  timeout=self.args.timeout)
         self.log(f"{label}: rc={res.returncode} wall={res.wall:.2f}s cpu={res.cpu:.2f}s "
@@ -96,12 +110,21 @@ class Bench:
                     self.check(STOCK_MARK not in res.output,
                                f"stock {phase} {n}: certbot-batch not engaged (no "
                                f"{STOCK_MARK!r} line in the output)")
-                    expect_ari = n if phase == "cold" else 0
+                    # certbot < 4.1 has no ARI at all
+                    expect_ari = n if phase == "cold" and self.flavour == "pypi" else 0
                     self.check(res.requests.get("ari") == expect_ari,
                                f"stock {phase} {n}: {expect_ari} ARI requests "
                                f"(got {res.requests.get('ari')})")
+            chosen = self.every_tenth(ours_base) if n <= args.ra_max else None
+            if chosen is not None:
+                for cert in chosen.values():
+                    responder.set_window(cert, datetime.timedelta(days=30),
+                                         datetime.timedelta(days=32), retry_after=RA_SHORT)
+            cold_end = 0.0
             for phase in ("cold", "warm"):
                 res = self.run(ours_base, f"ours {phase} {n}", responder, "--batch-engine")
+                if phase == "cold":
+                    cold_end = time.time()
                 out[f"ours_{phase}"] = res.summary()
                 self.check(f"certbot-batch: checked {n} lineage(s)" in res.output,
                            f"ours {phase} {n}: the session ran and checked {n} lineages")
@@ -112,9 +135,45 @@ class Bench:
                 self.check(res.requests.get("ocsp") == 0,
                            f"ours {phase} {n}: no OCSP request (ARI answered) "
                            f"(got {res.requests.get('ocsp')})")
+            if chosen is not None:
+                out["ours_retry_from_ca"] = self.retry_from_ca(ours_base, n, responder, chosen,
+                                                               cold_end)
+                responder.clear_window()
             out["ours_retry_passed"] = self.retry_variant(ours_base, n, responder)
             if args.profile:
                 out["ours_warm_profile"] = self.profile(ours_base, n, responder)
+
+    def every_tenth(self, base: Path) -> dict[str, x509.Certificate]:
+        """Every 10th lineage (sorted by name) and its current certificate."""
+        names = sorted(e.name[:-5] for e in os.scandir(base / "config" / "renewal")
+                       if e.name.endswith(".conf"))[::10]
+        live = base / "config" / "live"
+        return {name: x509.load_pem_x509_certificate((live / name / "cert.pem").read_bytes())
+                for name in names}
+
+    def retry_from_ca(self, base: Path, n: int, responder: Responder,
+                      chosen: dict[str, x509.Certificate], cold_end: float) -> dict[str, Any]:
+        """The CA answered every 10th lineage with Retry-After: 60 during the cold run. Once
+        that has passed (the run is started when the clock says so, not after a blind sleep),
+        exactly those lineages are asked again."""
+        expected = {cert_id(c) for c in chosen.values()}
+        wait_until = cold_end + RA_SHORT + 1.0
+        self.log(f"waiting {max(0.0, wait_until - time.time()):.0f} s for the CA's "
+                 f"Retry-After ({RA_SHORT} s) of {len(chosen)} lineages to pass")
+        while time.time() < wait_until:
+            time.sleep(min(1.0, max(0.0, wait_until - time.time())))
+        label = f"ours warm {n}, CA's Retry-After passed for {len(chosen)}"
+        res = self.run(base, label, responder, "--batch-engine")
+        asked = responder.ari_requests_by_cert_id()
+        self.check(set(asked) == expected and all(v == 1 for v in asked.values()),
+                   f"{label}: exactly those {len(expected)} lineages asked once "
+                   f"(asked {len(asked)}, {len(set(asked) - expected)} others, "
+                   f"{len(expected - set(asked))} missing)")
+        self.check(res.requests.get("ocsp") == 0,
+                   f"{label}: no OCSP request (got {res.requests.get('ocsp')})")
+        summary = res.summary()
+        summary["retry_passed"] = len(chosen)
+        return summary
 
     def retry_variant(self, base: Path, n: int, responder: Responder) -> dict[str, Any]:
         """Move next_check of every 10th lineage into the past; only those may be asked."""
@@ -154,7 +213,7 @@ class Bench:
         prof = base / "warm.prof"
         boot = base / "certbot_boot.py"
         boot.write_text("import sys\nfrom certbot.main import main\nsys.exit(main())\n")
-        wrapper = [common.which_python(FLAVOUR), "-m", "cProfile", "-o", str(prof), str(boot)]
+        wrapper = [common.which_python(self.flavour), "-m", "cProfile", "-o", str(prof), str(boot)]
         res = self.run(base, f"ours warm {n} (cProfile)", responder, "--batch-engine",
                        python_wrapper=wrapper)
         stats = pstats.Stats(str(prof), stream=sys.stderr)
@@ -165,9 +224,10 @@ class Bench:
     # -- report --------------------------------------------------------------------------
     def table(self) -> str:
         sizes = self.results["sizes"]
+        version = self.results["machine"]["certbot"]
         stock_ref = max((int(k) for k, v in sizes.items() if "stock_cold" in v), default=None)
         lines = [
-            "| scenario | lineages | stock certbot 5.8 | ours (`--batch-engine`) | speedup "
+            f"| scenario | lineages | stock certbot {version} | ours (`--batch-engine`) | speedup "
             "| CA requests stock → ours (ARI/OCSP/dir) | peak RSS stock / ours | target |",
             "|---|---:|---:|---:|---:|---|---|---|",
         ]
@@ -208,12 +268,16 @@ class Bench:
                     f"| {_speed(speed)} "
                     f"| {reqs} → {_reqs(ours['requests'])} "
                     f"| {rss_s} / {ours['max_rss_mb']:.0f} MB | {tgt}{mark} |")
-            rv = v.get("ours_retry_passed")
-            if rv is not None:
+            for key, how in (("ours_retry_from_ca", f"CA's Retry-After ({RA_SHORT} s)"),
+                             ("ours_retry_passed", "`next_check` in the state DB")):
+                rv = v.get(key)
+                if rv is None:
+                    continue
                 lines.append(
-                    f"| warm, Retry-After passed for {rv['retry_passed']:,} (10%) | {n:,} | - "
-                    f"| {common.fmt_seconds(rv['wall_s'])} | - | - → {_reqs(rv['requests'])} "
-                    f"| - / {rv['max_rss_mb']:.0f} MB | only those asked |")
+                    f"| warm, Retry-After passed for {rv['retry_passed']:,} (10%): {how} "
+                    f"| {n:,} | - | {common.fmt_seconds(rv['wall_s'])} | - "
+                    f"| - → {_reqs(rv['requests'])} | - / {rv['max_rss_mb']:.0f} MB "
+                    f"| only those asked |")
         return "\n".join(lines)
 
 
@@ -234,6 +298,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="200 lineages only")
     p.add_argument("--stock-max", type=int, default=2000,
                    help="largest farm stock certbot is run on (default 2000)")
+    p.add_argument("--flavour", choices=("pypi", "deb"), default="pypi",
+                   help="certbot to run: pypi = 5.8 (default), deb = Debian's 2.1")
+    p.add_argument("--ra-max", type=int, default=2000,
+                   help="largest size with the CA Retry-After variant (it waits 60 s after "
+                   "the cold run, so the cold run must be much shorter than 60 s)")
     p.add_argument("--no-stock", action="store_true", help="ours only")
     p.add_argument("--latency", type=float, default=0.05,
                    help="responder latency per ARI/OCSP request, seconds (default 0.05)")
@@ -248,7 +317,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench = Bench(args)
     bench.results["command"] = "python benchmarks/bench_scan.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    bench.results["machine"] = common.machine_facts(FLAVOUR)
+    bench.results["machine"] = common.machine_facts(args.flavour)
+    bench.results["flavour"] = args.flavour
     bench.results["latency_s"] = args.latency
     bench.log(f"machine: {bench.results['machine']}")
     for n in sorted(set(args.sizes)):

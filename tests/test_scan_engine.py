@@ -264,6 +264,15 @@ def test_ocsp_revoked_is_due(bed: Bed) -> None:
     assert not states[good].due
 
 
+def test_progress_only_when_asked(bed: Bed, capsys: pytest.CaptureFixture[str]) -> None:
+    bed.add(3, "prog")
+    bed.scan(progress=False)
+    assert capsys.readouterr().err == ""
+    shutil.rmtree(os.path.dirname(bed.db_path))  # cold again: the CA is asked again
+    bed.scan(progress=True)
+    assert "certbot-batch: checked 3/3 lineages" in capsys.readouterr().err
+
+
 # -- faults --------------------------------------------------------------------------------
 
 ARI_FAULT_CASES = {
@@ -384,6 +393,12 @@ def _break_conf_content(bed: Bed, name: str) -> str:
     return str(path)
 
 
+def _break_conf_bytes(bed: Bed, name: str) -> str:
+    path = bed.config_dir / "renewal" / f"{name}.conf"
+    path.write_bytes(b"cert = /x\n[renewalparams]\nauthenticator = \xff\xfe\xc3\x28\n")
+    return str(path)
+
+
 def _break_conf_nocert(bed: Bed, name: str) -> str:
     path = bed.config_dir / "renewal" / f"{name}.conf"
     path.write_text("[renewalparams]\nauthenticator = webroot\n")
@@ -406,6 +421,7 @@ def _corrupt_pem(bed: Bed, name: str) -> str:
 BREAKERS = {
     "conf_is_directory": (_break_conf_dir, "cannot be parsed"),
     "conf_malformed": (_break_conf_content, "cannot be parsed"),
+    "conf_invalid_bytes": (_break_conf_bytes, "cannot be parsed"),
     "conf_without_cert": (_break_conf_nocert, "names no 'cert'"),
     "pem_missing": (_missing_pem, "No such file"),
     "pem_corrupt": (_corrupt_pem, "not a valid PEM certificate"),
@@ -436,7 +452,9 @@ def test_broken_lineage_is_reported_and_scan_goes_on(bed: Bed, case: str) -> Non
     assert set(report.broken) == {victim}
 
 
-def test_corrupt_state_database_is_rebuilt(bed: Bed, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("damage", ["garbage", "torn_pages"])
+def test_corrupt_state_database_is_rebuilt(bed: Bed, caplog: pytest.LogCaptureFixture,
+                                           damage: str) -> None:
     names = bed.add(3, "db")
     bed.r.set_window(bed.cert(names[0]), -2 * DAY, -1 * DAY)
     t0 = time.time()
@@ -444,8 +462,15 @@ def test_corrupt_state_database_is_rebuilt(bed: Bed, caplog: pytest.LogCaptureFi
     for suffix in ("-wal", "-shm"):
         if os.path.exists(bed.db_path + suffix):
             os.unlink(bed.db_path + suffix)
-    with open(bed.db_path, "wb") as fh:
-        fh.write(b"this is not an SQLite database" * 200)
+    if damage == "garbage":
+        with open(bed.db_path, "wb") as fh:
+            fh.write(b"this is not an SQLite database" * 200)
+    else:  # a valid header, every page after the first overwritten (a torn write)
+        size = os.path.getsize(bed.db_path)
+        assert size > 4096
+        with open(bed.db_path, "r+b") as fh:
+            fh.seek(4096)
+            fh.write(b"\xde\xad\xbe\xef" * ((size - 4096) // 4))
     bed.r.reset_counters()
     with caplog.at_level(logging.WARNING):
         report = bed.scan(at(t0 + 60))

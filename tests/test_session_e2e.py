@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import re
 import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 import requests
@@ -68,26 +69,147 @@ def account_id(bot: Certbot) -> str:
 
 # -- (a) not engaged: stock certbot --------------------------------------------------------
 
-def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA) -> None:
-    with Responder(ca) as responder:  # stock certbot 5.x asks it for ARI itself
-        bot = Certbot(certbot_flavour, tmp_path / "cb", None)
-        names = farm.make_farm(str(bot.config_dir), 3, ca=ca, server=responder.directory_url,
-                               webroot=str(tmp_path / "www"), name_fmt="stock{i}.test")
-        proc = bot.run("renew")
-        # Stock certbot >= 4.1 asks the CA for ARI itself, once per lineage; 2.1 has no ARI.
-        assert responder.ari_requests == (3 if certbot_flavour == "pypi" else 0)
-    text = out(proc)
-    assert proc.returncode == 0, text
-    assert "certbot-batch" not in text
+_HIDDEN = ("certbot_batch", "__editable__.certbot_batch", "__editable___certbot_batch")
+
+
+def _without_certbot_batch(python: Path, mirror_root: Path) -> list[str]:
+    """``sys.path`` of ``python`` with certbot-batch made invisible: every directory holding
+    our package, its metadata or its editable hook is replaced by a mirror of symlinks to
+    everything else in it. certbot then finds no batch entry point and never imports us: the
+    certbot its users had before installing certbot-batch."""
+    probe = subprocess.run([str(python), "-c", "import json, sys; print(json.dumps(sys.path))"],
+                           capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    paths: list[str] = json.loads(probe.stdout)
+    out: list[str] = []
+    for i, entry in enumerate(paths):
+        if not entry or not os.path.isdir(entry):
+            out.append(entry)
+            continue
+        names = os.listdir(entry)
+        if not any(n.lower().startswith(_HIDDEN) for n in names):
+            out.append(entry)
+            continue
+        mirror = mirror_root / f"path{i}"
+        mirror.mkdir(parents=True)
+        for n in names:
+            if not n.lower().startswith(_HIDDEN):
+                (mirror / n).symlink_to(os.path.join(entry, n))
+        out.append(str(mirror))
+    return out
+
+
+def _hiding_prelude(paths: list[str]) -> str:
+    return (f"import sys; sys.path[:] = {paths!r}; "
+            "sys.meta_path[:] = [f for f in sys.meta_path "
+            "if 'certbot_batch' not in repr(f) + getattr(f, '__module__', '')]; ")
+
+
+_VISIBLE_PROBE = (
+    "import importlib.util, importlib.metadata as md\n"
+    "try:\n"
+    "    found = md.entry_points(group='certbot.plugins')\n"
+    "except TypeError:  # Python 3.9\n"
+    "    found = md.entry_points().get('certbot.plugins', [])\n"
+    "eps = [e.name for e in found]\n"
+    "try:\n"
+    "    import pkg_resources\n"
+    "    eps += [e.name for e in pkg_resources.iter_entry_points('certbot.plugins')]\n"
+    "except ImportError:\n"
+    "    pass\n"
+    "print(importlib.util.find_spec('certbot_batch') is not None, "
+    "any(e.startswith('batch-') for e in eps))\n")
+
+
+def _normalized(proc: subprocess.CompletedProcess[str], bot: Certbot,
+                account: str) -> tuple[int, str, str]:
+    def norm(text: str) -> str:
+        return text.replace(str(bot.base_dir), "<BASE>").replace(account, "<ACCOUNT>")
+    return proc.returncode, norm(proc.stdout), norm(proc.stderr)
+
+
+def _conf_snapshot(bot: Certbot, account: str) -> dict[str, str]:
+    """Renewal confs after a run, timestamps (certbot's ari_retry_after) masked."""
+    out = {}
+    for conf in sorted((bot.config_dir / "renewal").glob("*.conf")):
+        text = conf.read_text(errors="replace").replace(str(bot.base_dir), "<BASE>")
+        text = text.replace(account, "<ACCOUNT>")
+        out[conf.name] = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", "<TIME>", text)
+    return out
+
+
+def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA,
+                              apache: Apache, pebble: Pebble) -> None:
+    """Without a batch plugin or --batch-engine, ``certbot renew`` with certbot-batch installed
+    is the certbot of before: same decisions, same output (every line), same exit code, same
+    ARI requests, same renewals and renewal conf updates as the same certbot with certbot-batch
+    invisible, on twin farms (same names, dates, ARI windows)."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    directory = requests.get(pebble.directory_url, verify=str(pebble.ca_bundle),
+                             timeout=10).json()
+    runs: dict[str, Any] = {}
+    with Responder(ca, acme_directory=directory) as responder:
+        via = AcmeVia(responder.directory_url, pebble.ca_bundle)
+        ours = Certbot(certbot_flavour, tmp_path / "ours", via, env_extra=apache.env())
+        stock = Certbot(certbot_flavour, tmp_path / "stock", via, env_extra=apache.env())
+        hidden = _without_certbot_batch(stock.python, tmp_path / "mirror")
+        probe = [str(stock.python), "-c"]
+        seen = subprocess.run(probe + [_VISIBLE_PROBE], capture_output=True, text=True,
+                              check=True, env=stock.env())
+        assert seen.stdout.split() == ["True", "True"], seen  # installed: hiding matters
+        unseen = subprocess.run(probe + [_hiding_prelude(hidden) + _VISIBLE_PROBE],
+                                capture_output=True, text=True, check=True, env=stock.env())
+        assert unseen.stdout.split() == ["False", "False"], unseen
+
+        for label, bot in (("ours", ours), ("stock", stock)):
+            bot.register()
+            account = account_id(bot)
+            config_dir = str(bot.config_dir)
+            common: dict[str, Any] = dict(ca=ca, server=responder.directory_url, now=now,
+                                          webroot=str(apache.webroot), account=account)
+            idle = farm.make_farm(config_dir, 3, name_fmt="idle{i}.test", **common)
+            # Due by its ARI window (certbot >= 4.1) / not due by the default rule (2.1).
+            [by_ari] = farm.make_farm(config_dir, 1, name_fmt="byari{i}.test", **common)
+            responder.set_window(farm.load_lineage_cert(config_dir, by_ari), *PAST)
+            # Due by the default rule (2.1) / not due by its ARI window (>= 4.1).
+            [old] = farm.make_farm(config_dir, 1, name_fmt="old{i}.test", age=70, **common)
+            # autorenew off: never due; a broken conf: a parse failure.
+            [manual] = farm.make_farm(config_dir, 1, name_fmt="manual{i}.test", age=80,
+                                      autorenew=False, **common)
+            [broken] = farm.make_farm(config_dir, 1, name_fmt="broken{i}.test", **common)
+            bot.renewal_conf(broken).write_text("[renewalparams\nnot = configobj = at all\n")
+            responder.reset_counters()
+            cmd = bot.command("renew")
+            if label == "stock":
+                cmd[2] = _hiding_prelude(hidden) + cmd[2]
+            env = bot.env()
+            env.pop("CERTBOT_PLUGIN_PATH", None)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  cwd=bot.base_dir, timeout=240, check=False)
+            runs[label] = (_normalized(proc, bot, account), responder.ari_requests,
+                           _conf_snapshot(bot, account),
+                           {n: versions(bot, n) for n in idle + [by_ari, old, manual]})
+
+    (code, stdout, stderr), ari_requests, _, renewed = runs["ours"]
+    assert runs["ours"] == runs["stock"], (runs["ours"], runs["stock"])
+    # ... and that stock behaviour is the expected one.
+    text = stdout + stderr
+    due = by_ari if certbot_flavour == "pypi" else old
+    assert renewed == {n: 2 if n == due else 1 for n in renewed}, (renewed, text)
+    assert code == 1, text  # the parse failure
     assert "Traceback" not in text
-    assert text.count("Certificate not yet due for renewal") == 3, text
+    assert "certbot-batch" not in text
+    assert text.count("Certificate not yet due for renewal") == 5, text
     assert "The following certificates are not due for renewal yet:" in text
-    skipped = re.findall(r"^\s+(\S+)/live/(\S+)/fullchain\.pem expires on \S+ \(skipped\)$",
+    skipped = re.findall(r"^\s+\S+/live/(\S+)/fullchain\.pem expires on \S+ \(skipped\)$",
                          text, re.MULTILINE)
-    assert sorted(n for _, n in skipped) == sorted(names), text
-    assert "No renewals were attempted." in text
-    assert not (bot.work_dir / "certbot-batch").exists()
-    assert "certbot-batch renewal session" not in bot.log_text()
+    assert sorted(skipped) == sorted(set(renewed) - {due}), text
+    assert f"/live/{due}/fullchain.pem (success)" in text, text
+    assert "0 renew failure(s), 1 parse failure(s)" in text, text
+    # Stock certbot >= 4.1 asks the CA for ARI once per autorenewing lineage; 2.1 has no ARI.
+    assert ari_requests == (5 if certbot_flavour == "pypi" else 0)
+    assert not (ours.work_dir / "certbot-batch").exists()
+    assert "certbot-batch renewal session" not in ours.log_text()
 
 
 # -- (b) .. (e) engaged ----------------------------------------------------------------------
@@ -183,11 +305,33 @@ def test_engaged_renews_exactly_the_due(site: Site) -> None:
         new.issuer.rfc4514_string().lower(), new.issuer
     # The state records the renewal and the next run is warm: no ARI request.
     site.responder.reset_counters()
-    proc = site.renew()
+    proc = site.renew("-q")
     assert proc.returncode == 0, out(proc)
+    assert out(proc) == ""  # nothing due, -q: silent (no progress, no summary)
     assert all(versions(bot, n) == 2 for n in due)
     # The renewed lineages' new certs are asked about (new serials), the others are not.
     assert site.responder.ari_requests == len(due), site.responder.ari_requests_by_cert_id()
+
+    # Stock certbot (no batch option: the session stays out) renews one lineage behind the
+    # state's back; the next session run sees the new certificate and asks about it alone.
+    victim = idle[1]
+    old_serial = farm.load_lineage_cert(str(bot.config_dir), victim).serial_number
+    proc = bot.run("renew", "--force-renewal", "--cert-name", victim)
+    assert proc.returncode == 0, out(proc)
+    assert "certbot-batch" not in out(proc)
+    new_cert = farm.load_lineage_cert(str(bot.config_dir), victim)
+    assert versions(bot, victim) == 2 and new_cert.serial_number != old_serial
+    site.responder.reset_counters()
+    proc = site.renew()
+    assert proc.returncode == 0, out(proc)
+    assert site.responder.ari_requests == 1, site.responder.ari_requests_by_cert_id()
+    assert site.responder.ari_requests_for(new_cert) == 1
+    conn = sqlite3.connect(str(state_db(bot)))
+    try:
+        [(serial,)] = conn.execute("SELECT serial FROM lineage WHERE name=?", (victim,))
+    finally:
+        conn.close()
+    assert serial == format(new_cert.serial_number, "x")
 
 
 def test_engaged_failure_is_named_others_renewed(site: Site, tmp_path: Path) -> None:
