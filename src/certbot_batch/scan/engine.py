@@ -338,7 +338,8 @@ class Scanner:
         elif res.ocsp_error is not None:
             state.ocsp_status = None
             state.ocsp_next = now + 3600
-            state.failures += 1
+            if res.ari_error is None or getattr(res.ari_error, "kind", "") == "no_ari":
+                state.failures += 1  # one failed check per scan, even if ARI failed too
             msg = f"OCSP: {res.ocsp_error}"
             state.last_error = f"{state.last_error}; {msg}" if state.last_error else msg
 

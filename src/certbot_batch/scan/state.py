@@ -110,11 +110,14 @@ class StateDB:
     def _open(self) -> sqlite3.Connection:
         if self.readonly:
             return self._connect()
+        conn: Optional[sqlite3.Connection] = None
         try:
             conn = self._connect()
             self._init_schema(conn)
             return conn
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
             return self._rebuild(f"unreadable ({exc})")
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
@@ -128,7 +131,9 @@ class StateDB:
             conn.execute("DROP TABLE lineage")
             conn.execute(_ddl())
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        conn.execute("PRAGMA quick_check").fetchone()
+        row = conn.execute("PRAGMA quick_check").fetchone()
+        if row is None or row[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else '?'}")
         conn.commit()
 
     def _rebuild(self, why: str) -> sqlite3.Connection:
