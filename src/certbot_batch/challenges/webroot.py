@@ -105,6 +105,9 @@ class WebrootProvisioner:
             for path in missing:
                 os.mkdir(path, 0o755)
                 self._dirs.append(path)
+                # The umask is process-wide: certbot's filesystem.makedirs(p, 0o700) in a
+                # concurrent worker thread sets it to 0o077 for a moment.
+                os.chmod(path, 0o755)
                 _copy_owner(item.webroot, path)
             fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
