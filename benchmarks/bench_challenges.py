@@ -11,7 +11,7 @@ CA, renewal confs pointing at pebble and the account) is copied twice; on one co
 
 and the two runs are compared side by side. Both must renew all K lineages (exit 0, every
 lineage gets ``cert2.pem`` from pebble, K new orders at pebble): the script exits 1 otherwise.
-Orders and challenge answers are counted in pebble's log (``POST /order-plz``,
+Orders and challenge answers are counted in pebble's log (``Added order "ID" to the db``,
 ``POST /chalZ/``); provisioning actions and cleanups come from certbot-batch's summary line.
 For our run the wall time is split into: status scan, prevalidation (orders, one
 provisioning, validation, finalization, all concurrent), and the rest (process start-up,
@@ -118,7 +118,8 @@ def run_mode(mode: str, flavour: str, base: Path, names: list[str], plog: Pebble
         "mode": mode, "command": "certbot " + " ".join(MODES[mode]), "rc": res.returncode,
         "wall_s": round(res.wall, 2), "cpu_s": round(res.cpu, 2),
         "max_rss_mb": round(res.max_rss_mb, 1),
-        "orders": seen.count("POST /order-plz"), "challenge_answers": seen.count("POST /chalZ/"),
+        "orders": len(re.findall(r'Added order "[^"]+" to the db', seen)),
+        "challenge_answers": seen.count("POST /chalZ/"),
         "provisioning_actions": None, "cleanups": None, "challenge_files": None,
     }
     text = res.output

@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -268,8 +269,11 @@ def test_failing_batch_hook(certbot: Certbot, apache: Apache, pebble: Pebble) ->
 def test_batch_apache_authenticator_two_reloads(certbot: Certbot, apache: Apache,
                                                 pebble: Pebble) -> None:
     names = setup_lineages(certbot, apache, pebble, K, prefix="auth")
-    # One name redirects HTTP to HTTPS (as certbot's --redirect does): the challenge must
-    # still be served for it.
+    # Two names redirect HTTP to HTTPS. names[0] with mod_rewrite (as certbot's --redirect
+    # does): the snippet's inherited RewriteRule answers before the vhost's redirect.
+    # names[1] with mod_alias `Redirect /`, which nothing outside the vhost can override:
+    # the CA follows the redirect (Let's Encrypt and pebble do) to the SSL vhost, which
+    # serves the challenge through the snippet's server-wide Alias.
     link = apache.root / "mods-enabled" / "rewrite.load"
     link.symlink_to(Path("..") / "mods-available" / "rewrite.load")
     apache.write_site("redirect.conf", (
@@ -277,17 +281,34 @@ def test_batch_apache_authenticator_two_reloads(certbot: Certbot, apache: Apache
         f"\tServerName {names[0]}\n"
         "\tRewriteEngine on\n"
         "\tRewriteRule ^ https://%{SERVER_NAME}%{REQUEST_URI} [END,NE,R=permanent]\n"
+        "</VirtualHost>\n"
+        f"<VirtualHost *:{apache.http_port}>\n"
+        f"\tServerName {names[1]}\n"
+        f"\tRedirect permanent / https://{names[1]}:{apache.https_port}/\n"
         "</VirtualHost>\n"))
     apache.reload()
-    assert apache.get("/.well-known/acme-challenge/x", host=names[0])[0] == 301
+    for name in names[:2]:
+        assert apache.get("/.well-known/acme-challenge/x", host=name)[0] == 301
     apache.reset_counts()
     old = {n: live_cert(certbot, n).serial_number for n in names}
+    # Our challenge directory, left 0700 by an earlier run (a umask race in certbot's worker
+    # threads once produced that; Apache then answers 403): repaired, not trusted.
+    challenge_root = apache.challenge_location / "certbot-batch-http01"
+    challenge_root.mkdir(mode=0o700)
+    challenge_root.chmod(0o700)
 
     proc = renew(certbot, apache, "--force-renewal", "-a", "batch-apache",
                  "-i", "batch-apache")
     assert proc.returncode == 0, output_of(proc) + certbot.log_text()[-6000:]
     counts = apache.counts()
     assert counts.graceful == 2, apache.ctl_calls()  # serve challenges + final deployment
+    # names[1]'s challenge was answered by its SSL vhost after pebble followed the redirect
+    access = (apache.log_dir / "other_vhosts_access.log").read_text()
+    # (vhost_combined: "%v:%p ..." with the canonical port, so the SSL vhost logs 443)
+    assert any(line.startswith(f"{names[1]}:")
+               and not line.startswith(f"{names[1]}:{apache.http_port} ")
+               and "GET /.well-known/acme-challenge/" in line and '" 200 ' in line
+               for line in access.splitlines()), access[-3000:]
     assert counts.configtest == 2, apache.ctl_calls()
     assert parse_calls(apache) == []
     for name in names:
@@ -295,11 +316,12 @@ def test_batch_apache_authenticator_two_reloads(certbot: Certbot, apache: Apache
     assert_serves_live(certbot, apache, names)
     # nothing left behind: no snippet, no challenge files, and Apache no longer serves them
     assert not (apache.root / "conf-enabled" / "certbot-batch-acme.conf").exists()
-    challenge_root = apache.challenge_location / "certbot-batch-http01"
+    assert challenge_root.stat().st_mode & 0o777 == 0o755
     assert not any(p.is_file() for p in challenge_root.rglob("*"))
     journal = certbot.work_dir / "certbot-batch" / "challenges.journal"
     assert not journal.exists() or journal.read_text() == ""
-    assert apache.get("/.well-known/acme-challenge/x", host=names[0])[0] == 301
+    for name in names[:2]:
+        assert apache.get("/.well-known/acme-challenge/x", host=name)[0] == 301
     conf = certbot.renewal_conf(names[0]).read_text()
     assert "authenticator = batch-apache" in conf and "installer = batch-apache" in conf
     assert os.environ.get("APACHE_CONFDIR") != str(apache.root)  # the test process untouched
@@ -322,3 +344,47 @@ def test_batch_apache_authenticator_outside_a_session(certbot: Certbot, apache: 
     assert apache.counts().graceful == 2, apache.ctl_calls()
     assert parse_calls(apache) == []
     assert not snippet.exists()
+
+
+def test_batch_apache_authenticator_killed_leftovers_removed(certbot: Certbot, apache: Apache,
+                                                             pebble: Pebble) -> None:
+    """SIGKILL while the challenge snippet is live: the journal names snippet and files; the
+    next run removes them first, then serves its own challenges (no "snippet exists")."""
+    names = setup_lineages(certbot, apache, pebble, 2, prefix="kill")
+    old = {n: live_cert(certbot, n).serial_number for n in names}
+    snippet = apache.root / "conf-enabled" / "certbot-batch-acme.conf"
+    files_dir = apache.challenge_location / "certbot-batch-http01" / ".well-known"
+    journal = certbot.work_dir / "certbot-batch" / "challenges.journal"
+    cmd = certbot.command("renew", "--force-renewal", "-a", "batch-apache", "-i",
+                          "batch-apache", *apache.certbot_args())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=certbot.env(), cwd=certbot.base_dir)
+    try:
+        deadline = time.monotonic() + 90
+        # the snippet lives from before the challenge reload until the authorizations are
+        # valid (certbot polls them once a second), so a 10 ms poll sees it
+        while not snippet.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert snippet.exists(), "the run never installed the challenge snippet"
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert snippet.exists()
+    recorded = journal.read_text()
+    assert str(snippet) in recorded and str(files_dir) in recorded
+
+    # the next run recovers first, then serves its own challenges again
+    apache.reset_counts()
+    proc2 = renew(certbot, apache, "--force-renewal", "-a", "batch-apache", "-i",
+                  "batch-apache")
+    assert proc2.returncode == 0, output_of(proc2) + certbot.log_text()[-6000:]
+    assert "left behind by an interrupted run" in one_line(certbot.log_text())
+    assert apache.counts().graceful == 2, apache.ctl_calls()
+    for name in names:
+        assert live_cert(certbot, name).serial_number != old[name]
+    assert not snippet.exists()
+    assert not any(p.is_file() for p in files_dir.parent.rglob("*"))
+    assert not journal.exists() or journal.read_text() == ""
+    assert_serves_live(certbot, apache, names)

@@ -3,10 +3,10 @@
 the test Apache serving the webroot.
 
 What pebble saw is read from its log, counting only what a given run added:
-``POST /order-plz`` (one per new order), ``POST /chalZ/`` (one per challenge answered) and
-``Pulled a task ... Value:"NAME"`` (one per validation of NAME). What certbot sent is read
-from its debug log (acme logs every JWS payload): a deactivation would show up there as
-``"status": "deactivated"``.
+``Added order "ID" to the db`` (one per new order), ``POST /chalZ/`` (one per challenge
+answered) and ``Pulled a task ... Value:"NAME"`` (one per validation of NAME). What certbot
+sent is read from its debug log (acme logs every JWS payload): a deactivation would show up
+there as ``"status": "deactivated"``.
 """
 from __future__ import annotations
 
@@ -93,7 +93,9 @@ class Bed:
         return self.bot.log_text()
 
     def orders(self) -> int:
-        return self.pebble_since().count("POST /order-plz")
+        """New orders: pebble 2.4 logs ``Added order "ID" to the db`` once per order it
+        creates (``POST /order-plz`` counts requests, which a rejected one would inflate)."""
+        return len(re.findall(r'Added order "[^"]+" to the db', self.pebble_since()))
 
     def challenge_posts(self) -> int:
         return self.pebble_since().count("POST /chalZ/")
@@ -127,12 +129,9 @@ def journal(bed: Bed) -> Path:
     return bed.bot.work_dir / "certbot-batch" / "challenges.journal"
 
 
-@pytest.fixture
-def bed(certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
-        request: pytest.FixtureRequest) -> Iterator[Bed]:
-    # Validations take 0..1 s (pebble sleeps a random whole number of seconds below
-    # PEBBLE_VA_SLEEPTIME), enough for the lineages' validations to overlap.
-    with Pebble(apache.http_port, va_sleeptime=2, authz_reuse=0,
+def _bed(va_sleeptime: int, certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
+         request: pytest.FixtureRequest) -> Iterator[Bed]:
+    with Pebble(apache.http_port, va_sleeptime=va_sleeptime, authz_reuse=0,
                 base_dir=tmp_path / "pebble") as pebble:
         b = Bed(certbot_flavour, tmp_path, ca, apache, pebble)
         try:
@@ -142,6 +141,22 @@ def bed(certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
             if rep is not None and rep.failed:
                 print(f"\n===== certbot {certbot_flavour} letsencrypt.log (tail) =====\n"
                       f"{b.bot.log_text()[-20000:]}\n===== pebble =====\n{pebble.logs()}")
+
+
+@pytest.fixture
+def bed(certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
+        request: pytest.FixtureRequest) -> Iterator[Bed]:
+    # Validations take 0..1 s (pebble sleeps a random whole number of seconds below
+    # PEBBLE_VA_SLEEPTIME), enough for the lineages' validations to overlap.
+    yield from _bed(2, certbot_flavour, tmp_path, ca, apache, request)
+
+
+@pytest.fixture
+def slow_bed(certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
+             request: pytest.FixtureRequest) -> Iterator[Bed]:
+    # Validations take 0..4 s: the challenge files stay on disk until the slowest of the
+    # wave is validated, long enough to signal the run while they are there.
+    yield from _bed(5, certbot_flavour, tmp_path, ca, apache, request)
 
 
 # -- 1. K lineages, one provisioning action --------------------------------------------------
@@ -287,11 +302,17 @@ def test_dry_run_one_provisioning_nothing_saved(bed: Bed) -> None:
 
 # -- 6. crash safety -------------------------------------------------------------------------------
 
-def _start_renew(bed: Bed) -> subprocess.Popen[str]:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_renew(bed: Bed, ignore_sigint: bool = False) -> subprocess.Popen[str]:
     bed.mark()
     cmd = bed.bot.command("renew", "--force-renewal", "-a", "batch-webroot")
+    # SIGINT ignored (inherited through exec): how a script's `certbot renew &` starts.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=bed.bot.env(), cwd=bed.bot.base_dir)
+                            env=bed.bot.env(), cwd=bed.bot.base_dir,
+                            preexec_fn=_ignore_sigint if ignore_sigint else None)
 
 
 def _wait_for_challenge_files(bed: Bed, proc: subprocess.Popen[str], deadline: float = 90.0
@@ -310,8 +331,10 @@ def _wait_for_challenge_files(bed: Bed, proc: subprocess.Popen[str], deadline: f
     raise AssertionError("no challenge file appeared")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-def test_signal_mid_run_cleans_up(bed: Bed, sig: signal.Signals) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["TERM", "INT", "HUP"])
+def test_signal_mid_run_cleans_up(slow_bed: Bed, sig: signal.Signals) -> None:
+    bed = slow_bed
     names = bed.add(4, "sig")
     proc = _start_renew(bed)
     try:
@@ -331,7 +354,32 @@ def test_signal_mid_run_cleans_up(bed: Bed, sig: signal.Signals) -> None:
         assert bed.versions(name) == 1, name
 
 
-def test_sigkill_leftovers_removed_by_next_run(bed: Bed) -> None:
+def test_ignored_sigint_stays_ignored(slow_bed: Bed) -> None:
+    """A run started with SIGINT ignored must not be made killable by it while the
+    challenges are out: it goes on and renews everything."""
+    bed = slow_bed
+    names = bed.add(4, "nohup")
+    proc = _start_renew(bed, ignore_sigint=True)
+    try:
+        files = _wait_for_challenge_files(bed, proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert files
+    assert proc.returncode == 0, stdout + stderr
+    assert "interrupted by signal" not in bed.bot.log_text()
+    for name in names:
+        assert bed.versions(name) == 2, name
+    assert bed.orders() == 4
+    assert bed.webroot_entries() == []
+    assert not journal(bed).exists()
+
+
+def test_sigkill_leftovers_removed_by_next_run(slow_bed: Bed) -> None:
+    bed = slow_bed
     names = bed.add(4, "kill", authenticator="batch-webroot")
     proc = _start_renew(bed)
     try:

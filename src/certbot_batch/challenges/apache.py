@@ -9,8 +9,11 @@ certbot-batch-http01/.well-known/acme-challenge/``) and one configuration snippe
 * a server-wide ``RewriteRule ... [END]`` with ``RewriteOptions InheritDownBefore``, so
   vhosts that redirect HTTP to HTTPS with mod_rewrite (certbot's own ``--redirect``) still
   serve the challenge: the inherited rule runs before their own rules.
-  (A vhost redirecting with mod_alias ``Redirect /`` cannot be overridden from outside the
-  vhost; its redirect target must then serve the challenge.)
+  A vhost redirecting with mod_alias ``Redirect /`` cannot be overridden from outside the
+  vhost (mod_rewrite is not enabled in a vhost without its own ``RewriteEngine on``, and
+  mod_alias checks the vhost's redirects before any Alias); the CA follows the redirect
+  (Let's Encrypt and pebble do), and an HTTPS vhost of this Apache serves the challenge
+  through the inherited server-wide Alias (tests/test_apache_deploy.py).
 
 Then one configtest + one graceful reload, and a readiness probe over HTTP. Cleanup removes
 the files and the snippet and asks the session for a reload at the end of the run (folded
@@ -42,6 +45,8 @@ CHALLENGE_DIR_NAME = "certbot-batch-http01"
 _LISTEN = re.compile(r"^\s*Listen\s+(\S+)", re.IGNORECASE | re.MULTILINE)
 #: How long to wait for the reloaded Apache to serve the challenges.
 READY_TIMEOUT = 60.0
+#: ... and how long, when Apache answers the probe with something else (403, 404, ...).
+ANSWER_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +134,32 @@ def http_ports(server_root: str) -> list[tuple[str, int]]:
     return found
 
 
-def _fetch(host: str, port: int, vhost: str, path: str) -> Optional[bytes]:
+def _fetch(host: str, port: int, vhost: str, path: str) -> tuple[Optional[int], bytes]:
+    """(HTTP status, body), or (None, b"") when nothing answered."""
     conn = http.client.HTTPConnection(host, port, timeout=3)
     try:
         conn.request("GET", path, headers={"Host": vhost})
         resp = conn.getresponse()
-        body = resp.read()
-        return body if resp.status == 200 else None
+        return resp.status, resp.read()
     except (OSError, http.client.HTTPException):
-        return None
+        return None, b""
     finally:
         conn.close()
+
+
+def ensure_served_dir(path: str) -> None:
+    """Create ``path`` (and parents) readable and searchable by Apache's user (0755), whatever
+    the umask, and repair one of ours left 0700 (Apache then answers 403 to the CA). The
+    umask is process-wide and certbot's ``filesystem.makedirs(p, 0o700)`` sets it to 0o077
+    for a moment, in whichever worker thread runs it: hence the chmod afterwards."""
+    old_umask = os.umask(0o022)
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+    finally:
+        os.umask(old_umask)
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o055 != 0o055:
+        os.chmod(path, mode | 0o755)
 
 
 class ApacheChallengeProvisioner(WebrootProvisioner):
@@ -172,7 +192,7 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
         if apache_items:
             assert self.settings is not None
             try:
-                os.makedirs(self.settings.challenge_root, mode=0o755, exist_ok=True)
+                ensure_served_dir(self.settings.challenge_root)
             except OSError as exc:
                 err = errors.PluginError(f"Cannot create {self.settings.challenge_root}: {exc}")
                 return [(i, err) for i in items if self._is_apache(i)] + \
@@ -220,17 +240,28 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
     def _wait_ready(self, settings: ApacheSettings, probe: ChallengeFile) -> None:
         candidates = http_ports(settings.server_root)
         path = "/.well-known/acme-challenge/" + probe.token
-        deadline = time.monotonic() + READY_TIMEOUT
+        start = time.monotonic()
+        last: dict[tuple[str, int], Optional[int]] = {}
         while candidates:
             for host, port in candidates:
-                if _fetch(host, port, probe.identifier, path) == probe.content:
+                status, body = _fetch(host, port, probe.identifier, path)
+                if status == 200 and body == probe.content:
                     logger.debug("Apache serves the challenges on %s:%d", host, port)
                     return
-            if time.monotonic() > deadline:
+                last[(host, port)] = status
+            waited = time.monotonic() - start
+            # Apache answering, but not with the probe, for a while: the CA would get the
+            # same answer (e.g. 403 for a directory Apache may not read). Not answering at
+            # all: a big config may still be loading.
+            answering = any(status is not None for status in last.values())
+            if waited > READY_TIMEOUT or (answering and waited > ANSWER_TIMEOUT):
                 break
             time.sleep(0.1)
+        answers = ", ".join(f"{h}:{p} -> {'HTTP ' + str(st) if st else 'no answer'}"
+                            for (h, p), st in last.items())
         logger.warning("certbot-batch: could not confirm that Apache serves the challenges "
-                       "(tried %s); validating anyway", candidates or "no Listen port found")
+                       "from %s (%s); validating anyway", settings.files_dir,
+                       answers or "no Listen port found")
 
     def _remove_snippet(self) -> bool:
         if not self._snippet_installed or self.settings is None:

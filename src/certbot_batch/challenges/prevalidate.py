@@ -72,16 +72,24 @@ def _obtain_one(config: Any, conf_file: str, name: str, batch: ChallengeBatch) -
             batch.depart(name)
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The signals certbot's own ErrorHandler cleans up on (SIGTERM, SIGHUP, SIGQUIT; SIGXCPU
+#: and SIGXFSZ are left to it: they do not come from a user), plus SIGINT, which certbot
+#: sees as KeyboardInterrupt in the main thread only.
+_STOP_SIGNALS = tuple(getattr(signal, name)
+                      for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+                      if hasattr(signal, name))
 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
-    """SIGTERM/SIGINT while a wave is out: remove its challenge files, then die of the signal.
+    """A stop signal while a wave is out: remove its challenge files, then die of the signal
+    (with its default action, as certbot's ErrorHandler does after its own cleanup).
 
     The lineages' workers are deep inside certbot's obtain_certificate (polling the CA), where
     neither certbot's own signal handling (main thread only) nor a KeyboardInterrupt reaches
-    them, so the process must not wait for them. Holding the batch's lock while cleaning up
-    and re-raising keeps any worker from provisioning again in between.
+    them, so the process must not wait for them: raising SystemExit here would hang in the
+    executor's shutdown and in the interpreter's exit, which join those threads. Holding the
+    batch's lock while cleaning up and re-raising keeps any worker from provisioning again
+    in between.
     """
     batch = _active
     if batch is None:
@@ -102,7 +110,7 @@ def _die(signum: int) -> None:
     logging.shutdown()  # flush certbot's log file
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
-    # Not reached for SIGTERM/SIGINT with SIG_DFL; belt and braces.
+    # Not reached: the default action of every signal in _STOP_SIGNALS ends the process.
     os._exit(128 + signum)
 
 
@@ -111,14 +119,20 @@ def _stop_signals_cleanup() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    previous = {}
     for sig in _STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        # An ignored signal stays ignored (nohup, `certbot renew &` from a script: SIGINT and
+        # SIGQUIT are SIG_IGN there), and a handler set outside Python cannot be restored.
+        if handler is None or handler == signal.SIG_IGN:
+            continue
+        previous[sig] = handler
         signal.signal(sig, _on_stop_signal)
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            signal.signal(sig, handler)
 
 
 def run(config: Any, lineages: list[tuple[str, str]], wave_size: int = 100) -> \

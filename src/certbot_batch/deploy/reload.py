@@ -32,6 +32,9 @@ class DeployRun:
     edited: bool = False
     ctl: Optional[str] = None
     delegate: Optional[Any] = None
+    #: certbot checkpoints (backup_dir entries) that existed before this run's first edit
+    checkpoints_before: Optional[int] = None
+    backup_dir: Optional[str] = None
     referenced: Optional[set[str]] = None
     configtests: int = 0
     reloads: int = 0
@@ -85,9 +88,18 @@ def shared_delegate(config: Any) -> Optional[Any]:
     return _run.delegate if _run is not None else None
 
 
+def _checkpoints(backup_dir: Optional[str]) -> int:
+    try:
+        return len(os.listdir(backup_dir)) if backup_dir else 0
+    except OSError:
+        return 0
+
+
 def remember_delegate(config: Any, delegate: Any) -> None:
     if _run is not None:
         _run.delegate = delegate
+        _run.backup_dir = getattr(config, "backup_dir", None)
+        _run.checkpoints_before = _checkpoints(_run.backup_dir)
 
 
 def mark_edited(config: Any) -> None:
@@ -182,7 +194,12 @@ def flush(run: DeployRun) -> Optional[str]:
         if run.edited and run.delegate is not None:
             try:
                 run.delegate.recovery_routine()
-                run.delegate.rollback_checkpoints(1)
+                # Every lineage edited in this run saved a checkpoint of its own: undo
+                # them all (and nothing older).
+                made = (_checkpoints(run.backup_dir) - run.checkpoints_before
+                        if run.checkpoints_before is not None else 1)
+                if made > 0:
+                    run.delegate.rollback_checkpoints(made)
                 msg += " The configuration edits of this run were rolled back."
             except Exception as rb_exc:  # noqa: BLE001
                 msg += f" Rolling back this run's edits also failed: {rb_exc}"
