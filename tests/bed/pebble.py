@@ -7,6 +7,10 @@ a leaf for localhost/127.0.0.1 for its HTTPS listeners; clients trust it through
 Name resolution goes through a private ``pebble-challtestsrv`` whose DNS server answers
 127.0.0.1 for every name (and nothing for AAAA), so the HTTP-01 validator always connects to
 ``127.0.0.1:http_port``: the test Apache's HTTP port.
+
+With ``dns_server="127.0.0.1:PORT"`` (e.g. ``tests.bed.bind.Bind().address``) pebble resolves
+through that server instead (its ``-dnsserver``; dns-01 TXT lookups included) and no
+challtestsrv is started.
 """
 from __future__ import annotations
 
@@ -46,15 +50,19 @@ class Pebble:
     :param va_sleeptime: max random validation delay in seconds; None = PEBBLE_VA_NOSLEEP=1.
     :param authz_reuse: PEBBLE_AUTHZREUSE percentage (0 still reuses ~1% of the time).
     :param always_valid: PEBBLE_VA_ALWAYS_VALID=1 (no validation at all).
+    :param dns_server: ``HOST:PORT`` of the DNS server pebble resolves with (a test BIND);
+        None = a private pebble-challtestsrv that answers 127.0.0.1 for every name.
     """
 
     def __init__(self, http_port: int, *, va_sleeptime: Optional[int] = None,
                  authz_reuse: int = 0, always_valid: bool = False,
-                 base_dir: Optional[Path] = None, startup_timeout: float = 30.0) -> None:
+                 base_dir: Optional[Path] = None, startup_timeout: float = 30.0,
+                 dns_server: Optional[str] = None) -> None:
         self.http_port = http_port
         self.va_sleeptime = va_sleeptime
         self.authz_reuse = authz_reuse
         self.always_valid = always_valid
+        self.dns_server = dns_server
         self.startup_timeout = startup_timeout
         self._own_dir = base_dir is None
         self.dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="bed-pebble-"))
@@ -99,8 +107,9 @@ class Pebble:
         if self._procs:
             return
         self._write_tls()
-        self.dns_port = ports.free_port(udp_too=True)
-        self.challtestsrv_management_port = ports.free_port()
+        if self.dns_server is None:
+            self.dns_port = ports.free_port(udp_too=True)
+            self.challtestsrv_management_port = ports.free_port()
         self.port, self.management_port, self.tls_port = ports.free_ports(3)
         self.config_path.write_text(json.dumps({"pebble": {
             "listenAddress": f"127.0.0.1:{self.port}",
@@ -113,13 +122,17 @@ class Pebble:
             "externalAccountBindingRequired": False,
         }}, indent=2))
         try:
-            self._spawn([CHALLTESTSRV, "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
-                         "-dns01", f"127.0.0.1:{self.dns_port}",
-                         "-management", f"127.0.0.1:{self.challtestsrv_management_port}",
-                         "-http01", "", "-https01", "", "-tlsalpn01", ""],
-                        self.challtestsrv_log, {})
-            self._wait(lambda: ports.is_listening(self.challtestsrv_management_port),
-                       "pebble-challtestsrv management port")
+            if self.dns_server is None:
+                self._spawn([CHALLTESTSRV, "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+                             "-dns01", f"127.0.0.1:{self.dns_port}",
+                             "-management", f"127.0.0.1:{self.challtestsrv_management_port}",
+                             "-http01", "", "-https01", "", "-tlsalpn01", ""],
+                            self.challtestsrv_log, {})
+                self._wait(lambda: ports.is_listening(self.challtestsrv_management_port),
+                           "pebble-challtestsrv management port")
+                dns_server = f"127.0.0.1:{self.dns_port}"
+            else:
+                dns_server = self.dns_server
             env = {"PEBBLE_WFE_NONCEREJECT": "0",
                    "PEBBLE_AUTHZREUSE": str(self.authz_reuse)}
             if self.va_sleeptime is None:
@@ -129,7 +142,7 @@ class Pebble:
             if self.always_valid:
                 env["PEBBLE_VA_ALWAYS_VALID"] = "1"
             self._spawn([PEBBLE, "-config", str(self.config_path),
-                         "-dnsserver", f"127.0.0.1:{self.dns_port}", "-strict=false"],
+                         "-dnsserver", dns_server, "-strict=false"],
                         self.pebble_log, env)
             self._wait(self._directory_answers, "pebble directory")
         except BaseException:
