@@ -295,7 +295,7 @@ def run_certbot(flavour: str, base_dir: Path, *args: str, label: str = "",
 
 def certbot_version(flavour: str = "pypi") -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        return certbots.Certbot(flavour, Path(tmp), None).version()
+        return certbots.Certbot(flavour, Path(tmp), None).version
 
 
 def machine_facts(flavour: str = "pypi") -> dict[str, Any]:

@@ -90,7 +90,7 @@ def renew_farm(args: argparse.Namespace, base: Path, apache: Apache, pebble: Peb
                responder: Responder, ca: farm.FarmCA, not_due: int) -> int:
     cb = Certbot(args.flavour, base / "certbot",
                  AcmeVia(responder.directory_url, pebble.ca_bundle))
-    banner(f"certbot {cb.version()} ({args.flavour}); pebble (ACME) at "
+    banner(f"certbot {cb.version} ({args.flavour}); pebble (ACME) at "
            f"{pebble.directory_url}; ARI at {responder.directory_url}; Apache on "
            f"127.0.0.1:{apache.http_port} (HTTP) / :{apache.https_port} (HTTPS)")
     cb.register()

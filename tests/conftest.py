@@ -59,7 +59,27 @@ def pebble(apache: Apache, request: pytest.FixtureRequest) -> Iterator[Pebble]:
         server.cleanup()
 
 
-@pytest.fixture(params=certbots.flavours())
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "versions: representative end-to-end test, run on every certbot flavour "
+        "(the rest of the suite runs on the full flavours only, see tests/bed/certbots.py)")
+    config.addinivalue_line(
+        "markers", "bed: needs the real test bed (pebble, Apache, BIND) on loopback ports")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses a certbot flavour runs on the full flavours; the ones marked
+    ``versions`` on every configured flavour (certbot 2.1 .. latest)."""
+    if "certbot_flavour" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("versions") is not None:
+        names = certbots.flavours()
+    else:
+        names = certbots.full_flavours()
+    metafunc.parametrize("certbot_flavour", names, indirect=True)
+
+
+@pytest.fixture
 def certbot_flavour(request: pytest.FixtureRequest) -> str:
     flavour = str(request.param)
     reason = certbots.missing_reason(flavour)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import pytest
 from cryptography import x509
 
 from tests.bed import certs
@@ -24,7 +25,6 @@ from tests.bed.farm import FarmCA, make_farm
 from tests.bed.pebble import Pebble
 
 K = 5
-FLAVOUR_VERSIONS = {"pypi": None, "deb": "2.1.0"}
 
 
 def output_of(proc: subprocess.CompletedProcess[str]) -> str:
@@ -53,7 +53,7 @@ def setup_lineages(certbot: Certbot, apache: Apache, pebble: Pebble, count: int,
     names = make_farm(str(certbot.config_dir), count, ca=FarmCA.create(),
                       server=pebble.directory_url, webroot=str(apache.webroot),
                       name_fmt=prefix + "{i}.example.test",
-                      version=FLAVOUR_VERSIONS[certbot.flavour])
+                      version=certbot.version)
     for name in names:
         live = certbot.live(name)
         apache.add_ssl_vhost(name, cert_path=live / "fullchain.pem",
@@ -99,6 +99,7 @@ def assert_serves_live(certbot: Certbot, apache: Apache, names: list[str]) -> No
 
 # -- 1 + 5: one configtest, one reload, no parse; batched and per-lineage hooks ---------------
 
+@pytest.mark.versions
 def test_renew_k_lineages_one_reload_and_hooks(certbot: Certbot, apache: Apache,
                                                pebble: Pebble, tmp_path: Path) -> None:
     names = setup_lineages(certbot, apache, pebble, K)

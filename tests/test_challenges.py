@@ -161,6 +161,7 @@ def slow_bed(certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
 
 # -- 1. K lineages, one provisioning action --------------------------------------------------
 
+@pytest.mark.versions
 def test_renews_all_with_one_provisioning(bed: Bed) -> None:
     k = 8
     names = bed.add(k, "one")

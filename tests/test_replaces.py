@@ -15,6 +15,7 @@ from acme import client as acme_client
 from acme import messages
 
 from certbot_batch.challenges import replaces
+from certbot_batch.context import RunContext
 
 CERT_ID = "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
 
@@ -23,6 +24,17 @@ def _payload() -> dict[str, Any]:
     order = messages.NewOrder(identifiers=[messages.Identifier(
         typ=messages.IDENTIFIER_FQDN, value="a.test")])
     return dict(json.loads(order.json_dumps()))
+
+
+def _session(monkeypatch: pytest.MonkeyPatch, lookup: Any) -> RunContext:
+    """What _certbot.activate() does for these two internals: wrap them with replaces.py's
+    functions, reading the run context."""
+    ctx = RunContext(config=None, replaces_for=lookup)
+    monkeypatch.setattr(acme_client.ClientV2, "new_order",
+                        replaces.wrap_new_order(acme_client.ClientV2.new_order, lambda: ctx))
+    monkeypatch.setattr(messages.NewOrder, "to_partial_json",
+                        replaces.wrap_to_partial_json(messages.NewOrder.to_partial_json))
+    return ctx
 
 
 @pytest.fixture
@@ -43,16 +55,27 @@ def fake_ca(monkeypatch: pytest.MonkeyPatch) -> list[Optional[str]]:
     return seen
 
 
-def test_replaces_sent_then_retried_without_on_409(fake_ca: list[Optional[str]]) -> None:
-    with replaces.sending_replaces(lambda: CERT_ID):
-        assert acme_client.ClientV2.new_order(object(), b"csr") == "order"  # type: ignore
+def test_replaces_sent_then_retried_without_on_409(fake_ca: list[Optional[str]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _session(monkeypatch, lambda: CERT_ID)
+    assert acme_client.ClientV2.new_order(object(), b"csr") == "order"  # type: ignore
     assert fake_ca == [CERT_ID, None]
 
 
-def test_no_replaces_when_lookup_has_none(fake_ca: list[Optional[str]]) -> None:
-    with replaces.sending_replaces(lambda: None):
-        acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
+def test_no_replaces_when_lookup_has_none(fake_ca: list[Optional[str]],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _session(monkeypatch, lambda: None)
+    acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
     assert fake_ca == [None]
+
+
+def test_no_new_order_once_stopping(fake_ca: list[Optional[str]],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = _session(monkeypatch, lambda: CERT_ID)
+    ctx.stopping.set()
+    with pytest.raises(replaces.Stopped):
+        acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
+    assert fake_ca == []
 
 
 def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,20 +86,27 @@ def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         raise messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="slow down")
 
     monkeypatch.setattr(acme_client.ClientV2, "new_order", new_order)
-    with replaces.sending_replaces(lambda: CERT_ID):
-        with pytest.raises(messages.Error):
-            acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
+    _session(monkeypatch, lambda: CERT_ID)
+    with pytest.raises(messages.Error):
+        acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
     assert calls == [CERT_ID]
 
 
-def test_patch_is_undone_and_thread_local(fake_ca: list[Optional[str]]) -> None:
-    before = acme_client.ClientV2.new_order
+def test_replaces_is_thread_local(fake_ca: list[Optional[str]],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     other_thread: list[Optional[str]] = []
-    with replaces.sending_replaces(lambda: CERT_ID if threading.current_thread()
-                                   is threading.main_thread() else None):
+    seen_in_order: list[Optional[str]] = []
+
+    def order_and_peek(self: Any, csr_pem: bytes) -> str:
+        seen_in_order.append(_payload().get("replaces"))
         t = threading.Thread(target=lambda: other_thread.append(_payload().get("replaces")))
         t.start()
         t.join()
+        return "order"
+
+    monkeypatch.setattr(acme_client.ClientV2, "new_order", order_and_peek)
+    _session(monkeypatch, lambda: CERT_ID)
+    acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
+    assert seen_in_order == [CERT_ID]
     assert other_thread == [None]
-    assert acme_client.ClientV2.new_order is before
     assert "replaces" not in _payload()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import re
 import shutil
 import sqlite3
@@ -22,7 +21,7 @@ from typing import Any, Iterator, Optional
 import pytest
 import requests
 
-from tests.bed import farm
+from tests.bed import farm, hiding
 from tests.bed.apache import Apache
 from tests.bed.certbots import Certbot
 from tests.bed.farm import FarmCA
@@ -69,58 +68,6 @@ def account_id(bot: Certbot) -> str:
 
 # -- (a) not engaged: stock certbot --------------------------------------------------------
 
-_HIDDEN = ("certbot_batch", "__editable__.certbot_batch", "__editable___certbot_batch")
-
-
-def _without_certbot_batch(python: Path, mirror_root: Path) -> list[str]:
-    """``sys.path`` of ``python`` with certbot-batch made invisible: every directory holding
-    our package, its metadata or its editable hook is replaced by a mirror of symlinks to
-    everything else in it. certbot then finds no batch entry point and never imports us: the
-    certbot its users had before installing certbot-batch."""
-    probe = subprocess.run([str(python), "-c", "import json, sys; print(json.dumps(sys.path))"],
-                           capture_output=True, text=True, check=True,
-                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    paths: list[str] = json.loads(probe.stdout)
-    out: list[str] = []
-    for i, entry in enumerate(paths):
-        if not entry or not os.path.isdir(entry):
-            out.append(entry)
-            continue
-        names = os.listdir(entry)
-        if not any(n.lower().startswith(_HIDDEN) for n in names):
-            out.append(entry)
-            continue
-        mirror = mirror_root / f"path{i}"
-        mirror.mkdir(parents=True)
-        for n in names:
-            if not n.lower().startswith(_HIDDEN):
-                (mirror / n).symlink_to(os.path.join(entry, n))
-        out.append(str(mirror))
-    return out
-
-
-def _hiding_prelude(paths: list[str]) -> str:
-    return (f"import sys; sys.path[:] = {paths!r}; "
-            "sys.meta_path[:] = [f for f in sys.meta_path "
-            "if 'certbot_batch' not in repr(f) + getattr(f, '__module__', '')]; ")
-
-
-_VISIBLE_PROBE = (
-    "import importlib.util, importlib.metadata as md\n"
-    "try:\n"
-    "    found = md.entry_points(group='certbot.plugins')\n"
-    "except TypeError:  # Python 3.9\n"
-    "    found = md.entry_points().get('certbot.plugins', [])\n"
-    "eps = [e.name for e in found]\n"
-    "try:\n"
-    "    import pkg_resources\n"
-    "    eps += [e.name for e in pkg_resources.iter_entry_points('certbot.plugins')]\n"
-    "except ImportError:\n"
-    "    pass\n"
-    "print(importlib.util.find_spec('certbot_batch') is not None, "
-    "any(e.startswith('batch-') for e in eps))\n")
-
-
 def _normalized(proc: subprocess.CompletedProcess[str], bot: Certbot,
                 account: str) -> tuple[int, str, str]:
     def norm(text: str) -> str:
@@ -138,6 +85,7 @@ def _conf_snapshot(bot: Certbot, account: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.versions
 def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA,
                               apache: Apache, pebble: Pebble) -> None:
     """Without a batch plugin or --batch-engine, ``certbot renew`` with certbot-batch installed
@@ -152,12 +100,12 @@ def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA,
         via = AcmeVia(responder.directory_url, pebble.ca_bundle)
         ours = Certbot(certbot_flavour, tmp_path / "ours", via, env_extra=apache.env())
         stock = Certbot(certbot_flavour, tmp_path / "stock", via, env_extra=apache.env())
-        hidden = _without_certbot_batch(stock.python, tmp_path / "mirror")
+        hidden = hiding.without_certbot_batch(stock.python, tmp_path / "mirror")
         probe = [str(stock.python), "-c"]
-        seen = subprocess.run(probe + [_VISIBLE_PROBE], capture_output=True, text=True,
+        seen = subprocess.run(probe + [hiding.VISIBLE_PROBE], capture_output=True, text=True,
                               check=True, env=stock.env())
         assert seen.stdout.split() == ["True", "True"], seen  # installed: hiding matters
-        unseen = subprocess.run(probe + [_hiding_prelude(hidden) + _VISIBLE_PROBE],
+        unseen = subprocess.run(probe + [hiding.prelude(hidden) + hiding.VISIBLE_PROBE],
                                 capture_output=True, text=True, check=True, env=stock.env())
         assert unseen.stdout.split() == ["False", "False"], unseen
 
@@ -181,7 +129,7 @@ def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA,
             responder.reset_counters()
             cmd = bot.command("renew")
             if label == "stock":
-                cmd[2] = _hiding_prelude(hidden) + cmd[2]
+                cmd[2] = hiding.prelude(hidden) + cmd[2]
             env = bot.env()
             env.pop("CERTBOT_PLUGIN_PATH", None)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -194,7 +142,7 @@ def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA,
     assert runs["ours"] == runs["stock"], (runs["ours"], runs["stock"])
     # ... and that stock behaviour is the expected one.
     text = stdout + stderr
-    due = by_ari if certbot_flavour == "pypi" else old
+    due = by_ari if ours.has_stock_ari else old
     assert renewed == {n: 2 if n == due else 1 for n in renewed}, (renewed, text)
     assert code == 1, text  # the parse failure
     assert "Traceback" not in text
@@ -206,8 +154,8 @@ def test_not_engaged_is_stock(certbot_flavour: str, tmp_path: Path, ca: FarmCA,
     assert sorted(skipped) == sorted(set(renewed) - {due}), text
     assert f"/live/{due}/fullchain.pem (success)" in text, text
     assert "0 renew failure(s), 1 parse failure(s)" in text, text
-    # Stock certbot >= 4.1 asks the CA for ARI once per autorenewing lineage; 2.1 has no ARI.
-    assert ari_requests == (5 if certbot_flavour == "pypi" else 0)
+    # Stock certbot >= 4.1 asks the CA for ARI once per autorenewing lineage; older: no ARI.
+    assert ari_requests == (5 if ours.has_stock_ari else 0)
     assert not (ours.work_dir / "certbot-batch").exists()
     assert "certbot-batch renewal session" not in ours.log_text()
 
@@ -260,6 +208,7 @@ def site(certbot_flavour: str, tmp_path: Path, ca: FarmCA, apache: Apache,
                   f"{s.bot.log_text()[-20000:]}")
 
 
+@pytest.mark.versions
 def test_engaged_renews_exactly_the_due(site: Site) -> None:
     bot = site.bot
     due = site.add(2, "due")

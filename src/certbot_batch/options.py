@@ -1,10 +1,26 @@
 """Run-wide command line / cli.ini options of certbot-batch."""
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 
 def add_run_options(parser: Any) -> None:
+    """Register the run-wide options once (certbot 1.x injects a plugin's options twice:
+    once more under its legacy prefixed name)."""
+    if getattr(parser, "_certbot_batch_options", False):
+        return
+    try:
+        _add(parser)
+    except argparse.ArgumentError:
+        pass  # already there
+    try:
+        parser._certbot_batch_options = True
+    except AttributeError:
+        pass
+
+
+def _add(parser: Any) -> None:
     parser.add_argument(
         "--batch-engine", dest="batch_engine", action="store_true", default=False,
         help="Let certbot-batch run `certbot renew` (parallel status scan, one reload per "

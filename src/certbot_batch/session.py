@@ -17,8 +17,9 @@ from typing import Any, Callable, Optional
 from certbot import errors
 
 from certbot_batch import _certbot, paths
-from certbot_batch.challenges import prevalidate, replaces
+from certbot_batch.challenges import prevalidate
 from certbot_batch.challenges.journal import Journal
+from certbot_batch.context import RunContext
 from certbot_batch.deploy import hooks as batch_hooks
 from certbot_batch.deploy import reload
 from certbot_batch.scan.engine import Scanner, ScanReport, ScanSettings, fmt_time
@@ -40,14 +41,17 @@ def conf_names_batch_plugin(path: str) -> bool:
         return False
 
 
-def engaged(config: Any, conf_files: list[str]) -> Optional[str]:
-    """Why our session owns this run, or None when certbot runs as stock."""
-    if getattr(config, "batch_engine", False):
+def engaged(config: Any, conf_files: Optional[list[str]]) -> Optional[str]:
+    """Why our session owns this run, or None when certbot runs as stock. Only explicit,
+    real values count (a boolean option that is True, a plugin name that is a string):
+    certbot's own unit tests call renew with mock configs whose every attribute is truthy."""
+    if getattr(config, "batch_engine", False) is True:
         return "enabled with --batch-engine / batch-engine = true"
     for attr in ("authenticator", "installer"):
-        if getattr(config, attr, None) in _certbot.BATCH_PLUGINS:
-            return f"--{attr} {getattr(config, attr)}"
-    for path in conf_files:
+        value = getattr(config, attr, None)
+        if isinstance(value, str) and value in _certbot.BATCH_PLUGINS:
+            return f"--{attr} {value}"
+    for path in conf_files or ():
         if conf_names_batch_plugin(path):
             return f"{os.path.basename(path)} uses a batch plugin"
     return None
@@ -65,35 +69,57 @@ def settings_from(config: Any) -> ScanSettings:
     )
 
 
-def handle_renewal_request(config: Any, original: Callable[[Any], None]) -> None:
-    if getattr(config, "certname", None):
+def _conf_files(config: Any) -> Optional[list[str]]:
+    """The renewal confs of this run, or None when certbot must handle the request itself
+    (an unknown --cert-name: certbot's own "no such certificate" message)."""
+    certname = getattr(config, "certname", None)
+    if certname is not None and not isinstance(certname, str):
+        raise TypeError("certname is not a string")
+    if certname:
         try:
-            conf_files = [_certbot.renewal_file_for_certname(config, config.certname)]
+            return [_certbot.renewal_file_for_certname(config, certname)]
         except errors.Error:
-            return original(config)  # certbot's own "no such certificate" message
-    else:
-        conf_files = _certbot.renewal_conf_files(config)
-    why = engaged(config, conf_files)
-    if why is None:
-        return original(config)
+            return None
+    return _certbot.renewal_conf_files(config)
+
+
+def handle_renewal_request(config: Any, stock: Callable[[], Any]) -> Any:
+    """certbot's ``handle_renewal_request``, owned by a renewal session when the suite is
+    in use. Returns exactly what certbot's own function returns on this certbot version."""
+    try:
+        conf_files = _conf_files(config)
+        why = engaged(config, conf_files) if conf_files is not None else None
+    except Exception:  # noqa: BLE001  (an odd config: certbot's own behaviour, untouched)
+        logger.debug("certbot-batch: not engaging", exc_info=True)
+        why = None
+    if why is None or conf_files is None:
+        return stock()
     logger.info("certbot-batch renewal session (%s)", why)
-    RenewalSession(config, original, conf_files).run()
+    try:
+        session = RenewalSession(config, stock, conf_files)
+    except _certbot.Unavailable as exc:
+        logger.warning("certbot-batch: %s; certbot renews as stock", exc)
+        return stock()
+    return session.run()
 
 
 class RenewalSession:
-    def __init__(self, config: Any, original: Callable[[Any], None],
-                 conf_files: list[str]) -> None:
+    def __init__(self, config: Any, stock: Callable[[], Any], conf_files: list[str]) -> None:
         self.config = config
-        self.original = original
+        self.stock = stock
         self.conf_files = conf_files
         self.report: Optional[ScanReport] = None
         self.renewed: list[str] = []
         self.failed: list[str] = []
         self.db: Optional[StateDB] = None
         self.prevalidation: Optional[prevalidate.PrevalidationReport] = None
+        self.ctx = RunContext(config=config)
+        if not _certbot.is_active():
+            raise _certbot.Unavailable(_certbot.disabled_reason() or "engine not installed")
 
-    def run(self) -> None:
+    def run(self) -> Any:
         config = self.config
+        ctx = self.ctx
         reload.preflight(config)
         Journal(paths.journal_path(config)).recover()
         self.db = StateDB(paths.state_db_path(config))
@@ -103,24 +129,20 @@ class RenewalSession:
             self.report = report
             self._announce(report)
             due_names = {s.name for s in report.due}
-            certbot_files = [s.conf_path for s in report.states
-                             if s.name in due_names or s.name in report.broken]
-            deploy_run = reload.begin()
+            ctx.conf_files = [s.conf_path for s in report.states
+                              if s.name in due_names or s.name in report.broken]
+            ctx.should_renew = self._should_renew
+            ctx.renew_cert = self._renew_cert
+            ctx.replaces_for = self._replaces_for_current
+            deploy_run = reload.begin(ctx)
             failure: Optional[BaseException] = None
-            try:
-                with _certbot.override(conf_files=certbot_files,
-                                       should_renew=self._should_renew,
-                                       renew_cert=self._renew_cert,
-                                       cache_plugins=True):
-                    with replaces.sending_replaces(self._replaces_for_current):
-                        prefetched = self._prevalidate(report)
-                        with _certbot.override(prefetched=prefetched):
-                            try:
-                                self.original(config)
-                            except errors.Error as exc:
-                                failure = exc
-            finally:
-                reload.end()
+            result: Any = None
+            with _certbot.activate(ctx):
+                ctx.prefetched = self._prevalidate(report)
+                try:
+                    result = self.stock()
+                except errors.Error as exc:
+                    failure = exc
             problems = []
             if not config.dry_run:
                 reload_error = reload.flush(deploy_run)
@@ -136,6 +158,7 @@ class RenewalSession:
                 raise failure
             if problems:
                 raise errors.Error("; ".join(problems))
+            return result
         finally:
             self.db.close()
 
@@ -144,7 +167,7 @@ class RenewalSession:
         certificate is inside its suggested window (not for dry runs: nothing is replaced)."""
         if self.report is None or getattr(self.config, "dry_run", False):
             return None
-        state = self.report.by_name().get(_certbot.current_lineage() or "")
+        state = self.report.by_name().get(self.ctx.current_lineage() or "")
         if state is None or not state.ari_cert_id or state.window_start is None:
             return None
         return state.ari_cert_id if state.window_start <= time.time() else None
@@ -162,8 +185,8 @@ class RenewalSession:
         if not todo:
             return {}
         _certbot.notify(f"certbot-batch: validating {len(todo)} lineage(s) together")
-        pre = prevalidate.run(config, todo, wave_size=int(getattr(config, "batch_size", 0)
-                                                          or 100))
+        pre = prevalidate.run(self.ctx, todo,
+                              wave_size=int(getattr(config, "batch_size", 0) or 100))
         self.prevalidation = pre
         _certbot.notify(
             f"certbot-batch: {len(pre.ok)} lineage(s) validated and issued, {len(pre.failed)} "

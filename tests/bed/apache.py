@@ -64,6 +64,62 @@ from tests.bed import certs, ports
 APACHE2CTL = "/usr/sbin/apache2ctl"
 SYSTEM_CONFDIR = Path("/etc/apache2")
 
+# The bed's Apache is built from a known baseline, not from whatever the host has enabled:
+# Debian 12's default apache2.conf and enabled modules/confs. Only the package's
+# *-available files are taken from /etc/apache2 (a host with an edited conf-enabled/ must
+# not change test results).
+BASELINE_MODS = (
+    "access_compat.load", "alias.conf", "alias.load", "auth_basic.load", "authn_core.load",
+    "authn_file.load", "authz_core.load", "authz_host.load", "authz_user.load",
+    "autoindex.conf", "autoindex.load", "deflate.conf", "deflate.load", "dir.conf",
+    "dir.load", "env.load", "filter.load", "mime.conf", "mime.load", "mpm_event.conf",
+    "mpm_event.load", "negotiation.conf", "negotiation.load", "reqtimeout.conf",
+    "reqtimeout.load", "setenvif.conf", "setenvif.load", "status.conf", "status.load",
+)
+BASELINE_CONFS = ("charset.conf", "localized-error-pages.conf",
+                  "other-vhosts-access-log.conf", "security.conf", "serve-cgi-bin.conf")
+BASELINE_APACHE2_CONF = """# certbot-batch test bed: Debian 12's default apache2.conf
+DefaultRuntimeDir ${APACHE_RUN_DIR}
+PidFile ${APACHE_PID_FILE}
+Timeout 300
+KeepAlive On
+MaxKeepAliveRequests 100
+KeepAliveTimeout 5
+User ${APACHE_RUN_USER}
+Group ${APACHE_RUN_GROUP}
+HostnameLookups Off
+ErrorLog ${APACHE_LOG_DIR}/error.log
+LogLevel warn
+IncludeOptional mods-enabled/*.load
+IncludeOptional mods-enabled/*.conf
+Include ports.conf
+<Directory />
+\tOptions FollowSymLinks
+\tAllowOverride None
+\tRequire all denied
+</Directory>
+<Directory /usr/share>
+\tAllowOverride None
+\tRequire all granted
+</Directory>
+<Directory /var/www/>
+\tOptions Indexes FollowSymLinks
+\tAllowOverride None
+\tRequire all granted
+</Directory>
+AccessFileName .htaccess
+<FilesMatch "^\\.ht">
+\tRequire all denied
+</FilesMatch>
+LogFormat "%v:%p %h %l %u %t \\"%r\\" %>s %O \\"%{Referer}i\\" \\"%{User-Agent}i\\"" vhost_combined
+LogFormat "%h %l %u %t \\"%r\\" %>s %O \\"%{Referer}i\\" \\"%{User-Agent}i\\"" combined
+LogFormat "%h %l %u %t \\"%r\\" %>s %O" common
+LogFormat "%{Referer}i -> %U" referer
+LogFormat "%{User-agent}i" agent
+IncludeOptional conf-enabled/*.conf
+IncludeOptional sites-enabled/*.conf
+"""
+
 
 @dataclasses.dataclass(frozen=True)
 class CtlCounts:
@@ -151,6 +207,13 @@ class Apache:
 
     def _setup(self) -> None:
         shutil.copytree(SYSTEM_CONFDIR, self.root, symlinks=True)
+        (self.root / "apache2.conf").write_text(BASELINE_APACHE2_CONF)
+        for kind in ("mods", "conf", "sites"):
+            enabled = self.root / f"{kind}-enabled"
+            shutil.rmtree(enabled, ignore_errors=True)
+            enabled.mkdir()
+        self._enable("mods", *BASELINE_MODS)
+        self._enable("conf", *BASELINE_CONFS)
         for d in (self.webroot, self.run_dir, self.log_dir, self.placeholder_dir):
             d.mkdir(mode=0o755, exist_ok=True)
             d.chmod(0o755)
@@ -182,12 +245,6 @@ class Apache:
         (self.root / "conf-enabled" / "zz-bed.conf").write_text(
             "ServerName localhost\n")
         self._enable("mods", "ssl.load", "ssl.conf", "socache_shmcb.load")
-        for name in ("default-ssl.conf",):
-            link = self.root / "sites-enabled" / name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-        for link in (self.root / "sites-enabled").iterdir():
-            link.unlink()
         self.write_site("000-default.conf", (
             f"<VirtualHost *:{self.http_port}>\n"
             "\tServerName localhost\n"

@@ -26,17 +26,18 @@ from certbot_batch import _certbot, paths
 from certbot_batch.challenges.apache import ApacheChallengeProvisioner
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
+from certbot_batch.context import RunContext
 
 logger = logging.getLogger(__name__)
 
 #: Authenticators whose perform() can join a batch.
 BATCH_AUTHENTICATORS = ("batch-webroot", "batch-apache")
 
-_active: Optional[ChallengeBatch] = None
-
-
 def active_batch() -> Optional[ChallengeBatch]:
-    return _active
+    """The challenge batch of the wave in flight (inside a renewal session), or None."""
+    ctx = _certbot.current()
+    batch = ctx.batch if ctx is not None else None
+    return batch if isinstance(batch, ChallengeBatch) else None
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     batch's lock while cleaning up and re-raising keeps any worker from provisioning again
     in between.
     """
-    batch = _active
+    batch = active_batch()
     if batch is None:
         _die(signum)
         return
@@ -135,16 +136,17 @@ def _stop_signals_cleanup() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run(config: Any, lineages: list[tuple[str, str]], wave_size: int = 100) -> \
+def run(ctx: RunContext, lineages: list[tuple[str, str]], wave_size: int = 100) -> \
         PrevalidationReport:
     """``lineages``: (name, renewal conf path). Returns each lineage's obtain_certificate
     result, or the exception it raised."""
     with _stop_signals_cleanup():
-        return _run(config, lineages, wave_size)
+        return _run(ctx, lineages, wave_size)
 
 
-def _run(config: Any, lineages: list[tuple[str, str]], wave_size: int) -> PrevalidationReport:
-    global _active
+def _run(ctx: RunContext, lineages: list[tuple[str, str]], wave_size: int) -> \
+        PrevalidationReport:
+    config = ctx.config
     t0 = time.monotonic()
     report = PrevalidationReport(results={})
     _certbot.find_plugins()  # fills the session's entry-point cache before the threads start
@@ -152,7 +154,7 @@ def _run(config: Any, lineages: list[tuple[str, str]], wave_size: int) -> Preval
     for start in range(0, len(lineages), max(1, wave_size)):
         wave = lineages[start:start + wave_size]
         batch = ChallengeBatch([name for name, _ in wave], ApacheChallengeProvisioner(journal))
-        _active = batch
+        ctx.batch = batch
         try:
             # One thread per lineage of the wave: they must all be able to reach the
             # rendezvous at the same time. The wave size bounds the load on the CA.
@@ -170,7 +172,7 @@ def _run(config: Any, lineages: list[tuple[str, str]], wave_size: int) -> Preval
                         report.results[name] = exc
         finally:
             batch.finish()
-            _active = None
+            ctx.batch = None
             report.provision_calls += batch.provision_calls
             report.cleanup_calls += batch.cleanup_calls
             report.files += batch.files_provisioned

@@ -2,76 +2,82 @@
 
 An order that names the certificate it replaces, sent while that certificate is in its
 suggested window, is exempt from Let's Encrypt's rate limits. Neither acme's ``new_order``
-nor certbot can send the field, so for the duration of a renewal session we add it to the
-``NewOrder`` payload of the lineage being renewed by the current thread. A CA that answers
-409 ``alreadyReplaced`` (an order for that certificate already used it) gets the same
-order again without the field, once.
+nor certbot can send the field, so while a renewal session runs, ``_certbot`` wraps
+``ClientV2.new_order`` and ``NewOrder.to_partial_json`` with the functions made here: the
+``NewOrder`` payload of the lineage the current thread renews gets ``replaces``. A CA that
+answers 409 ``alreadyReplaced`` (an order for that certificate already used it) gets the
+same order again without the field, once.
+
+The same wrapper refuses to start a new order once the session is stopping (a stop
+signal): what was issued is saved, nothing new is started.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-from acme import client as acme_client
-from acme import messages
+from certbot import errors
 
 logger = logging.getLogger(__name__)
 
 ALREADY_REPLACED = "alreadyReplaced"
 
 _local = threading.local()
-_lock = threading.Lock()
+
+
+class Stopped(errors.Error):
+    """The run is stopping: no new order was started for this lineage."""
 
 
 def _current() -> Optional[str]:
     return getattr(_local, "replaces", None)
 
 
-def _is_already_replaced(exc: BaseException) -> bool:
+def is_already_replaced(exc: BaseException) -> bool:
     typ = str(getattr(exc, "typ", "") or getattr(exc, "code", "") or "")
     return typ.endswith(ALREADY_REPLACED)
 
 
-@contextlib.contextmanager
-def sending_replaces(lookup: Callable[[], Optional[str]]) -> Iterator[None]:
-    """While active, ``ClientV2.new_order`` sends ``replaces = lookup()`` (a certID) when
-    ``lookup`` returns one for the calling thread's lineage."""
-    with _lock:
-        original_new_order = acme_client.ClientV2.new_order
-        original_to_json = messages.NewOrder.to_partial_json
+def wrap_new_order(orig: Callable[..., Any], current: Callable[[], Any]) -> Callable[..., Any]:
+    """``ClientV2.new_order`` that sends ``replaces`` when the run context has a certID for
+    the calling thread's lineage. ``current`` returns the run context (or None)."""
+    from acme import messages
 
-        def to_partial_json(self: Any) -> Any:
-            data = original_to_json(self)
-            cert_id = _current()
-            if cert_id:
-                data = dict(data)
-                data["replaces"] = cert_id
-            return data
+    def new_order(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> Any:
+        ctx = current()
+        if ctx is not None and ctx.stopping.is_set():
+            raise Stopped("certbot-batch: the run is stopping (signal); no new order started")
+        pace = getattr(ctx, "before_order", None) if ctx is not None else None
+        if pace is not None:
+            pace()
+        lookup = ctx.replaces_for if ctx is not None else None
+        cert_id = lookup() if lookup is not None else None
+        if not cert_id:
+            return orig(self, csr_pem, *args, **kwargs)
+        _local.replaces = cert_id
+        try:
+            return orig(self, csr_pem, *args, **kwargs)
+        except messages.Error as exc:
+            if not is_already_replaced(exc):
+                raise
+            logger.info("The CA says certificate %s was already replaced; ordering again "
+                        "without 'replaces'", cert_id)
+            _local.replaces = None
+            return orig(self, csr_pem, *args, **kwargs)
+        finally:
+            _local.replaces = None
+    new_order.__wrapped__ = orig  # type: ignore[attr-defined]
+    return new_order
 
-        def new_order(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> Any:
-            cert_id = lookup()
-            if not cert_id:
-                return original_new_order(self, csr_pem, *args, **kwargs)
-            _local.replaces = cert_id
-            try:
-                return original_new_order(self, csr_pem, *args, **kwargs)
-            except messages.Error as exc:
-                if not _is_already_replaced(exc):
-                    raise
-                logger.info("The CA says certificate %s was already replaced; ordering "
-                            "again without 'replaces'", cert_id)
-                _local.replaces = None
-                return original_new_order(self, csr_pem, *args, **kwargs)
-            finally:
-                _local.replaces = None
 
-        acme_client.ClientV2.new_order = new_order  # type: ignore[method-assign]
-        messages.NewOrder.to_partial_json = to_partial_json  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        with _lock:
-            acme_client.ClientV2.new_order = original_new_order  # type: ignore[method-assign]
-            messages.NewOrder.to_partial_json = original_to_json  # type: ignore[method-assign]
+def wrap_to_partial_json(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def to_partial_json(self: Any, *args: Any, **kwargs: Any) -> Any:
+        data = orig(self, *args, **kwargs)
+        cert_id = _current()
+        if cert_id:
+            data = dict(data)
+            data["replaces"] = cert_id
+        return data
+    to_partial_json.__wrapped__ = orig  # type: ignore[attr-defined]
+    return to_partial_json

@@ -44,48 +44,48 @@ class DeployRun:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
-_run: Optional[DeployRun] = None
-
-
-def begin() -> DeployRun:
-    global _run
-    _run = DeployRun()
-    return _run
+def begin(ctx: Any) -> DeployRun:
+    """The deployment of a renewal session, kept in its run context."""
+    ctx.deploy = DeployRun()
+    return ctx.deploy  # type: ignore[no-any-return]
 
 
 def active() -> Optional[DeployRun]:
-    return _run
+    """The deployment of the session in progress, or None outside a session."""
+    from certbot_batch import _certbot
 
-
-def end() -> None:
-    global _run
-    _run = None
+    ctx = _certbot.current()
+    run = getattr(ctx, "deploy", None) if ctx is not None else None
+    return run if isinstance(run, DeployRun) else None
 
 
 def defer_reload(config: Any, plugin: Any) -> bool:
-    if _run is None:
+    run = active()
+    if run is None:
         return False
-    with _run.lock:
-        _run.reload_requested = True
-        _run.ctl = _run.ctl or plugin.ctl()
-        if _run.delegate is None and getattr(plugin, "_delegate", None) is not None:
-            _run.delegate = plugin._delegate
+    with run.lock:
+        run.reload_requested = True
+        run.ctl = run.ctl or plugin.ctl()
+        if run.delegate is None and getattr(plugin, "_delegate", None) is not None:
+            run.delegate = plugin._delegate
     return True
 
 
 def request_reload(ctl: str) -> bool:
     """Ask for a reload at the end of the run (e.g. to drop the challenge snippet).
     Returns False outside a session (the caller must reload itself)."""
-    if _run is None:
+    run = active()
+    if run is None:
         return False
-    with _run.lock:
-        _run.reload_requested = True
-        _run.ctl = _run.ctl or ctl
+    with run.lock:
+        run.reload_requested = True
+        run.ctl = run.ctl or ctl
     return True
 
 
 def shared_delegate(config: Any) -> Optional[Any]:
-    return _run.delegate if _run is not None else None
+    run = active()
+    return run.delegate if run is not None else None
 
 
 def _checkpoints(backup_dir: Optional[str]) -> int:
@@ -96,15 +96,17 @@ def _checkpoints(backup_dir: Optional[str]) -> int:
 
 
 def remember_delegate(config: Any, delegate: Any) -> None:
-    if _run is not None:
-        _run.delegate = delegate
-        _run.backup_dir = getattr(config, "backup_dir", None)
-        _run.checkpoints_before = _checkpoints(_run.backup_dir)
+    run = active()
+    if run is not None:
+        run.delegate = delegate
+        run.backup_dir = getattr(config, "backup_dir", None)
+        run.checkpoints_before = _checkpoints(run.backup_dir)
 
 
 def mark_edited(config: Any) -> None:
-    if _run is not None:
-        _run.edited = True
+    run = active()
+    if run is not None:
+        run.edited = True
 
 
 def server_root(config: Any) -> str:
@@ -164,11 +166,13 @@ def referenced_paths(root: str) -> set[str]:
 def already_deployed(config: Any, domain: str, cert_path: str, key_path: str,
                      fullchain_path: str) -> bool:
     """True when Apache already serves this lineage from its live/ paths (renewal case)."""
-    if _run is None:
+    run = active()
+    if run is None:
         return False
-    if _run.referenced is None:
-        _run.referenced = referenced_paths(server_root(config))
-    refs = _run.referenced
+    with run.lock:
+        if run.referenced is None:
+            run.referenced = referenced_paths(server_root(config))
+        refs = run.referenced
     return key_path in refs and (fullchain_path in refs or cert_path in refs)
 
 

@@ -15,7 +15,7 @@ import logging
 from typing import Any, Callable, Iterable, Optional
 
 from acme import challenges
-from certbot import errors
+from certbot import errors, interfaces
 from certbot.achallenges import AnnotatedChallenge
 from certbot.plugins import common
 
@@ -53,7 +53,14 @@ def stock_apache_class() -> Any:
     raise errors.NoInstallationError(_NOT_INSTALLED)
 
 
-class BatchApacheConfigurator(common.Configurator):
+# certbot < 1.x... 2.0 has no common.Configurator (Installer + Authenticator in one).
+_Configurator: Any = getattr(common, "Configurator", None)
+if _Configurator is None:
+    class _Configurator(common.Installer, interfaces.Authenticator):  # type: ignore[no-redef]
+        pass
+
+
+class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
     """Apache installer + http-01 authenticator with one reload per run."""
 
     description = ("Apache installer for many lineages: one configtest and one graceful "
