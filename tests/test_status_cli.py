@@ -222,3 +222,122 @@ def test_console_script(site: Site, mixed: dict[str, str]) -> None:
                           check=False, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert {r["lineage"] for r in json.loads(proc.stdout)["lineages"]} == set(mixed.values())
+
+
+# -- certbot's cli.ini, --version, --help -------------------------------------------------------
+
+@pytest.fixture()
+def ini_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Stand-ins for /etc/letsencrypt/cli.ini and ~/.config/letsencrypt/cli.ini (through
+    $XDG_CONFIG_HOME, as certbot reads it)."""
+    system = tmp_path / "etc-letsencrypt" / "cli.ini"
+    system.parent.mkdir()
+    monkeypatch.setattr(cli, "SYSTEM_CLI_INI", str(system))
+    xdg = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    user = xdg / "letsencrypt" / "cli.ini"
+    user.parent.mkdir(parents=True)
+    return system, user
+
+
+def test_default_config_files_are_certbots(monkeypatch: pytest.MonkeyPatch) -> None:
+    from certbot._internal import constants
+
+    # certbot computes its list at import, with the environment of this process.
+    assert cli.default_config_files() == constants.CLI_DEFAULTS["config_files"]
+    assert cli.SYSTEM_CLI_INI == "/etc/letsencrypt/cli.ini"
+
+
+def test_status_reads_certbots_cli_ini(site: Site, mixed: dict[str, str],
+                                       ini_paths: tuple[Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    system, user = ini_paths
+    # certbot's syntax: "key = value", "key: value", comments, a [section] line, and keys
+    # status does not care about.
+    system.write_text(f"# written by the admin\nconfig-dir = {site.config_dir}\n"
+                      "rsa-key-size = 4096\nbatch-engine = true\n")
+    user.write_text(f"[whatever]\nwork-dir: {site.work_dir}  # the scan's state\n")
+    code = cli.main(["status", "--json"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert {r["lineage"] for r in json.loads(out)["lineages"]} == set(mixed.values())
+    # The command line wins over the files, the user's file over the system's, and -c FILE
+    # over both (certbot's order).
+    empty = tmp_path / "empty-config"
+    empty.mkdir()
+    assert cli.main(["status", "--json", "--config-dir", str(empty)]) == 0
+    assert json.loads(capsys.readouterr().out)["lineages"] == []
+    user.write_text(f"config-dir = {empty}\nwork-dir = {site.work_dir}\n")
+    assert cli.main(["status", "--json"]) == 0
+    capsys.readouterr()
+    extra = tmp_path / "extra.ini"
+    extra.write_text(f"config-dir = {site.config_dir}\n")
+    assert cli.main(["status", "--json", "-c", str(extra)]) == 1
+    assert len(json.loads(capsys.readouterr().out)["lineages"]) == 3
+
+
+def test_status_without_cli_ini_uses_certbots_defaults(ini_paths: tuple[Path, Path]) -> None:
+    dirs = cli.resolve_dirs(None, None)
+    assert (dirs.config_dir, dirs.work_dir) == ("/etc/letsencrypt", "/var/lib/letsencrypt")
+    system, _user = ini_paths
+    system.write_text("config-dir = ~/le\n")
+    assert cli.resolve_dirs(None, None).config_dir == os.path.expanduser("~/le")
+
+
+def test_broken_cli_ini_is_a_clear_error(ini_paths: tuple[Path, Path],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    system, _user = ini_paths
+    system.write_bytes(b"config-dir = \xff\xfe\n")
+    code = cli.main(["status"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(system) in err and "Traceback" not in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    import certbot_batch
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"certbot-batch {certbot_batch.__version__}\n"
+    assert certbot_batch.__version__ == version("certbot-batch")
+
+
+def test_help_is_plain_text_and_complete() -> None:
+    parser = cli.build_parser()
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, __import__("argparse")._SubParsersAction):
+            parsers += list(action.choices.values())
+    assert len(parsers) == 2
+    for p in parsers:
+        text = p.format_help()
+        # No reStructuredText/Sphinx markup: ``literal``, :role:`x`, `x`_.
+        assert not re.search(r"``|:[a-z]+:`|`_", text), text
+        for action in p._actions:
+            assert action.help and action.help.strip(), action.option_strings or action.dest
+    status_help = parsers[1].format_help()
+    for option in ("--config-dir", "--work-dir", "-c FILE"):
+        assert option in status_help
+    assert "/etc/letsencrypt" in status_help and "/var/lib/letsencrypt" in status_help
+
+
+def test_console_script_reads_xdg_cli_ini(site: Site, mixed: dict[str, str],
+                                          tmp_path: Path) -> None:
+    """The installed script, configured only through certbot's user cli.ini."""
+    xdg = tmp_path / "xdg"
+    (xdg / "letsencrypt").mkdir(parents=True)
+    (xdg / "letsencrypt" / "cli.ini").write_text(
+        f"config-dir = {site.config_dir}\nwork-dir = {site.work_dir}\n")
+    script = Path(sys.executable).parent / "certbot-batch"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "certbot_batch.cli"]
+    proc = subprocess.run(cmd + ["status", "--json"], capture_output=True, text=True,
+                          check=False, timeout=60,
+                          env=dict(os.environ, XDG_CONFIG_HOME=str(xdg)))
+    assert proc.returncode == 1, proc.stderr
+    assert {r["lineage"] for r in json.loads(proc.stdout)["lineages"]} == set(mixed.values())
+    version = subprocess.run(cmd + ["--version"], capture_output=True, text=True, check=True,
+                             timeout=60)
+    assert version.stdout.startswith("certbot-batch ")

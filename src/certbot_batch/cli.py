@@ -1,4 +1,5 @@
-"""``certbot-batch``: the status of every lineage as the renewal engine last saw it."""
+"""certbot-batch: the renewal status of every certbot lineage, as certbot-batch's renewal
+engine last saw it (ARI window, chosen renewal time, due or not, last error)."""
 from __future__ import annotations
 
 import argparse
@@ -11,17 +12,77 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
-from certbot_batch import paths
+from certbot_batch import __version__, paths
 from certbot_batch.scan.engine import fmt_time
 from certbot_batch.scan.state import LineageState, StateDB
 
 EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
 
 
+DESCRIPTION = ("Show the renewal status of every certbot lineage as certbot-batch's renewal "
+               "engine last saw it: the ARI window, the chosen renewal time, whether it is "
+               "due, when it is checked next and the last error. Read-only: it sends no "
+               "request and never writes to certbot's directories.")
+
+#: certbot's defaults (certbot/_internal/constants.py, Linux).
+DEFAULT_CONFIG_DIR = "/etc/letsencrypt"
+DEFAULT_WORK_DIR = "/var/lib/letsencrypt"
+#: certbot's first default config file: always this path, whatever --config-dir says.
+SYSTEM_CLI_INI = os.path.join(DEFAULT_CONFIG_DIR, "cli.ini")
+#: The settings of cli.ini that status reads (the rest is certbot's business).
+_DIR_KEYS = ("config-dir", "work-dir")
+
+
+class ConfigFileError(Exception):
+    pass
+
+
 class _Dirs:
     def __init__(self, config_dir: str, work_dir: str) -> None:
         self.config_dir = config_dir
         self.work_dir = work_dir
+
+
+def default_config_files() -> list[str]:
+    """certbot's default config files, in the order it reads them (a later one wins):
+    ``CLI_DEFAULTS["config_files"]`` in certbot/_internal/constants.py, which has been the
+    same from certbot 1.x to 5.x."""
+    return [SYSTEM_CLI_INI,
+            os.path.join(os.environ.get("XDG_CONFIG_HOME", "~/.config"), "letsencrypt",
+                         "cli.ini")]
+
+
+def _read_cli_ini(path: str) -> dict[str, str]:
+    # certbot parses its config files with ConfigArgParse's default parser (certbot depends
+    # on ConfigArgParse in every release): the same parser reads the same values.
+    import configargparse
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            items = configargparse.DefaultConfigFileParser().parse(fh)
+    except configargparse.ConfigFileParserException as exc:
+        raise ConfigFileError(f"{path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"cannot read {path} ({exc})") from exc
+    return {k: str(v) for k, v in items.items() if k in _DIR_KEYS}
+
+
+def resolve_dirs(config_dir: Optional[str], work_dir: Optional[str],
+                 config_file: Optional[str] = None) -> _Dirs:
+    """certbot's directories the way certbot finds them: the command line, else the config
+    files (the default ones, then ``-c FILE``; a later file wins), else certbot's defaults."""
+    settings: dict[str, str] = {}
+    for pattern in default_config_files():
+        path = os.path.expanduser(pattern)
+        if os.path.isfile(path):
+            settings.update(_read_cli_ini(path))
+    if config_file is not None:
+        settings.update(_read_cli_ini(config_file))
+    config_dir = config_dir or settings.get("config-dir") or DEFAULT_CONFIG_DIR
+    work_dir = work_dir or settings.get("work-dir") or DEFAULT_WORK_DIR
+    # certbot makes them absolute (configuration.NamespaceConfig) after expanding "~".
+    return _Dirs(os.path.abspath(os.path.expanduser(config_dir)),
+                 os.path.abspath(os.path.expanduser(work_dir)))
 
 
 def _lineage_names(config_dir: str) -> list[str]:
@@ -145,9 +206,13 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    dirs = _Dirs(args.config_dir, args.work_dir)
+    try:
+        dirs = resolve_dirs(args.config_dir, args.work_dir, args.config)
+    except ConfigFileError as exc:
+        print(f"certbot-batch: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     db_path = paths.state_db_path(dirs)
-    names = _lineage_names(args.config_dir)
+    names = _lineage_names(dirs.config_dir)
     if args.cert_name:
         names = [n for n in names if n in args.cert_name]
     states: dict[str, LineageState] = {}
@@ -178,12 +243,34 @@ def status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="certbot-batch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("status", help="show the renewal status of every lineage")
-    st.add_argument("--config-dir", default="/etc/letsencrypt")
-    st.add_argument("--work-dir", default="/var/lib/letsencrypt")
-    st.add_argument("--cert-name", action="append", default=None,
+    # The man page (man/certbot-batch.1, scripts/make-man.py) is generated from this parser:
+    # plain-text help strings, no markup.
+    parser = argparse.ArgumentParser(
+        prog="certbot-batch", description=DESCRIPTION,
+        epilog="The batch options of certbot renew (--batch-engine, --batch-workers and "
+               "the others) are options of certbot itself once certbot-batch is installed: "
+               "certbot --help batch-webroot lists them, and so does certbot-batch(1).")
+    parser.add_argument("--version", action="version", version=f"certbot-batch {__version__}",
+                        help="print the version of certbot-batch and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="the command to run")
+    st = sub.add_parser(
+        "status", help="show the renewal status of every lineage",
+        description="Show what the last scan of certbot-batch saw, one line per lineage. "
+                    "Exit status: 0 when every lineage is fine, 1 when one is overdue, "
+                    "expired, failing or not scanned yet, 2 on errors.")
+    st.add_argument("-c", "--config", metavar="FILE", default=None,
+                    help="a certbot config file to read --config-dir and --work-dir from, "
+                         "after the default ones (as certbot -c FILE does)")
+    st.add_argument("--config-dir", metavar="DIR", default=None,
+                    help="certbot's configuration directory, with renewal/ and live/ "
+                         "(default: config-dir from certbot's cli.ini files, else "
+                         f"{DEFAULT_CONFIG_DIR})")
+    st.add_argument("--work-dir", metavar="DIR", default=None,
+                    help="certbot's working directory; the state database is "
+                         f"DIR/{paths.SUBDIR}/state.sqlite (default: work-dir from "
+                         f"certbot's cli.ini files, else {DEFAULT_WORK_DIR})")
+    st.add_argument("--cert-name", metavar="NAME", action="append", default=None,
                     help="only this lineage (repeatable)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--prometheus", metavar="FILE",
