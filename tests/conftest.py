@@ -6,6 +6,7 @@ printed in the report of a failing test.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Generator, Iterator
 
@@ -15,6 +16,44 @@ from tests.bed import certbots
 from tests.bed.apache import Apache
 from tests.bed.certbots import Certbot
 from tests.bed.pebble import Pebble
+
+#: Fixtures that start the real test bed (pebble, Apache, BIND) or run certbot in a
+#: subprocess of a configured flavour: a test that uses one (directly or through another
+#: fixture) is marked ``bed``.
+_BED_FIXTURES = frozenset({"apache", "pebble", "certbot", "certbot_flavour", "bind", "webroot"})
+#: End-to-end files: everything in them needs the bed, whatever fixtures a test names.
+_BED_FILES = frozenset({"test_apache_deploy.py", "test_bed_acmeproxy.py", "test_bed_bind.py",
+                        "test_challenges.py", "test_compat.py", "test_deb.py",
+                        "test_foundation.py", "test_session_e2e.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``pytest -m "not bed"`` is the in-process subset a distribution runs at build time
+    (no pebble, no Apache, no certbot subprocess)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _BED_FIXTURES or Path(str(item.fspath)).name in _BED_FILES:
+            item.add_marker(pytest.mark.bed)
+
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "ftp_proxy")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_proxy_for_loopback() -> Iterator[None]:
+    """Every server of the tests listens on loopback; requests/urllib in this process must
+    not send those requests to a proxy from the environment (pybuild sets
+    http_proxy=http://127.0.0.1:9/ and no_proxy=localhost, which does not cover 127.0.0.1)."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.lower() in _PROXY_VARS:
+            del os.environ[key]
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -71,13 +71,39 @@ def _leaf(ca: FarmCA, key: ec.EllipticCurvePrivateKey, ocsp_url: str | None = No
 
 
 def _certbot_config(tmp_path: Any, config_dir: str) -> Any:
+    from certbot import configuration
     from certbot._internal import cli
     from certbot._internal.plugins import disco
 
-    return cli.prepare_and_parse_args(disco.PluginsRegistry.find_all(), [
+    config = cli.prepare_and_parse_args(disco.PluginsRegistry.find_all(), [
         "renew", "--config-dir", config_dir, "--work-dir", str(tmp_path / "work"),
         "--logs-dir", str(tmp_path / "logs"), "--no-random-sleep-on-renew",
     ])
+    # certbot < 2.3 returns the argparse Namespace; main() wraps it as below.
+    if not isinstance(config, configuration.NamespaceConfig):
+        config = configuration.NamespaceConfig(config)
+    return config
+
+
+def _certbot_ocsp() -> Any:
+    """certbot's OCSP checker: certbot._internal.ocsp, or certbot.ocsp in older releases
+    (Debian 12's 2.1)."""
+    try:
+        from certbot._internal import ocsp as certbot_ocsp
+    except ImportError:
+        from certbot import ocsp as certbot_ocsp  # type: ignore[no-redef]
+    return certbot_ocsp
+
+
+def _needs_acme_ari() -> None:
+    """acme's own ARI client (ClientV2.renewal_time, acme >= 4.1) checks our responder."""
+    from acme import client as acme_client
+
+    if not hasattr(acme_client.ClientV2, "renewal_time"):
+        from importlib.metadata import version
+
+        pytest.skip(f"acme {version('acme')} has no ARI client "
+                    "(ClientV2.renewal_time: acme >= 4.1)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +189,9 @@ def test_farm_loads_with_certbot(tmp_path: Any, ca: FarmCA) -> None:
         assert lineage.autorenewal_is_enabled()
         # what `certbot renew` does with it: reconstitute restores the plugin config
         lineage_config = copy.deepcopy(config)
-        renewal_candidate = renewal.reconstitute(lineage_config, conf)
+        # public since certbot 2.3 or so; _reconstitute in Debian 12's 2.1
+        reconstitute = getattr(renewal, "reconstitute", None) or renewal._reconstitute
+        renewal_candidate = reconstitute(lineage_config, conf)
         assert renewal_candidate is not None
         assert lineage_config.authenticator == "webroot"
         assert lineage_config.webroot_map[lineage.lineagename] == str(tmp_path / "www")
@@ -302,7 +330,8 @@ def test_cert_id_matches_acme(ca: FarmCA, leaf_key: ec.EllipticCurvePrivateKey) 
         cert = ca.issue(["s.test"], leaf_key.public_key(), not_before=now,
                         not_after=now + datetime.timedelta(days=1), serial=serial)
         cid = cert_id(cert)
-        assert cid == acme_client._renewal_info_path_component(cert)
+        if hasattr(acme_client, "_renewal_info_path_component"):  # acme >= 4.1 (ARI)
+            assert cid == acme_client._renewal_info_path_component(cert)
         assert cid == cert_id_from_parts(ca.aki, serial)
         assert parse_cert_id(cid) == (ca.aki, serial)
     with pytest.raises(ValueError):
@@ -323,6 +352,7 @@ def _acme_client(r: Responder) -> Any:
 
 def test_acme_client_reads_our_ari(responder: Responder, ca: FarmCA,
                                    leaf_key: ec.EllipticCurvePrivateKey) -> None:
+    _needs_acme_ari()
     cert = _leaf(ca, leaf_key)
     pem = cert.public_bytes(serialization.Encoding.PEM)
     start = datetime.datetime(2030, 1, 1, tzinfo=UTC)
@@ -343,9 +373,11 @@ def test_directory_without_renewal_info(ca: FarmCA, leaf_key: ec.EllipticCurvePr
                                         http: requests.Session) -> None:
     with Responder(ca, renewal_info=False) as r:
         assert "renewalInfo" not in http.get(r.directory_url).json()
-        when, _retry = _acme_client(r).renewal_time(
-            _leaf(ca, leaf_key).public_bytes(serialization.Encoding.PEM))
-        assert when is None
+        client = _acme_client(r)
+        if hasattr(client, "renewal_time"):  # acme >= 4.1 (ARI)
+            when, _retry = client.renewal_time(
+                _leaf(ca, leaf_key).public_bytes(serialization.Encoding.PEM))
+            assert when is None
         assert r.ari_requests == 0
         r.renewal_info = True
         assert http.get(r.directory_url).json()["renewalInfo"] == r.renewal_info_url
@@ -354,6 +386,12 @@ def test_directory_without_renewal_info(ca: FarmCA, leaf_key: ec.EllipticCurvePr
         assert "renewalInfo" in http.get(r.directory_url).json()
         for path in ("newNonce", "newAccount", "newOrder"):
             assert http.get(r.directory_url).json()[path].startswith(r.base_url)
+
+
+def _rfc3339(text: str) -> datetime.datetime:
+    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert value.tzinfo is not None, text
+    return value
 
 
 def test_ari_windows_and_policies(responder: Responder, ca: FarmCA,
@@ -367,8 +405,11 @@ def test_ari_windows_and_policies(responder: Responder, ca: FarmCA,
     def window(resp: requests.Response) -> Tuple[datetime.datetime, datetime.datetime]:
         assert resp.status_code == 200
         assert resp.headers["Content-Type"] == "application/json"
-        info = messages.RenewalInfo.from_json(resp.json())
-        return info.suggested_window.start, info.suggested_window.end
+        if hasattr(messages, "RenewalInfo"):  # acme >= 4.1 parses it as certbot will
+            info = messages.RenewalInfo.from_json(resp.json())
+            return info.suggested_window.start, info.suggested_window.end
+        window = resp.json()["suggestedWindow"]
+        return (_rfc3339(window["start"]), _rfc3339(window["end"]))
 
     # default policy: not due, 30..32 days out, Retry-After 6 h
     resp = http.get(url)
@@ -568,9 +609,7 @@ def _post_ocsp(http: requests.Session, r: Responder, req: ocsp.OCSPRequest,
 def _certbot_checks(resp: ocsp.OCSPResponse, req: ocsp.OCSPRequest,
                     issuer: x509.Certificate) -> None:
     """certbot's own response validation (signature, CertID, freshness)."""
-    from certbot._internal import ocsp as certbot_ocsp
-
-    certbot_ocsp._check_ocsp_response(resp, req, issuer, "cert.pem")
+    _certbot_ocsp()._check_ocsp_response(resp, req, issuer, "cert.pem")
 
 
 @pytest.mark.parametrize("intermediate", [True, False])
@@ -612,8 +651,7 @@ def test_ocsp_good_response_verifies(intermediate: bool, leaf_key: ec.EllipticCu
 def test_ocsp_registered_status_with_certbot_checker(tmp_path: Any, ca: FarmCA,
                                                      responder: Responder) -> None:
     """certbot's whole OCSP check (files on disk, POST, validation) against a farm lineage."""
-    from certbot._internal import ocsp as certbot_ocsp
-
+    certbot_ocsp = _certbot_ocsp()
     cfg = str(tmp_path / "le")
     names = make_farm(cfg, 3, ca=ca, server=SERVER, ocsp_url=responder.ocsp_url)
     paths = {n: (os.path.join(cfg, "live", n, "cert.pem"), os.path.join(cfg, "live", n,
@@ -706,3 +744,27 @@ def test_log_records_paths_and_statuses(responder: Responder, http: requests.Ses
     assert [(e.method, e.path, e.status) for e in entries] == [
         ("GET", "/directory", 200), ("GET", "/nowhere", 404)]
     assert entries[0].time <= entries[1].time
+
+
+# --------------------------------------------------------------------------------------------
+# tests/bed/certs.py on this cryptography (38 on Debian 12: no load_pem_x509_certificates,
+# no *_utc accessors)
+
+
+def test_certs_chain_and_validity_helpers(tmp_path: Any) -> None:
+    from tests.bed import certs
+
+    ca = certs.make_ca()
+    leaf = certs.make_leaf(["leaf.test", "127.0.0.1"], ca)
+    pem = tmp_path / "fullchain.pem"
+    pem.write_bytes(leaf.cert_pem() + b"\n" + ca.cert_pem())
+    chain = certs.load_pem_chain(pem)
+    assert [c.serial_number for c in chain] == [leaf.cert.serial_number, ca.cert.serial_number]
+    assert certs.san_names(chain[0]) == ["leaf.test", "127.0.0.1"]
+    after, before = certs.not_valid_after(leaf.cert), certs.not_valid_before(leaf.cert)
+    assert after.tzinfo is not None and before.tzinfo is not None
+    assert after - before == datetime.timedelta(days=31)
+    assert before < datetime.datetime.now(UTC) < after
+    (tmp_path / "empty.pem").write_bytes(b"not a certificate\n")
+    with pytest.raises(ValueError):
+        certs.load_pem_chain(tmp_path / "empty.pem")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -97,8 +98,37 @@ def make_leaf(names: Sequence[str], issuer: Optional[Issued] = None) -> Issued:
     return Issued(builder.sign(signer_key, hashes.SHA256()), key)
 
 
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----",
+                       re.S)
+
+
 def load_pem_chain(path: Union[str, Path]) -> list[x509.Certificate]:
-    return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    """Every certificate of a PEM file, in order. (x509.load_pem_x509_certificates needs
+    cryptography 39; Debian 12 has 38.)"""
+    data = Path(path).read_bytes()
+    chain = [x509.load_pem_x509_certificate(m.group(0)) for m in _PEM_CERT.finditer(data)]
+    if not chain:
+        raise ValueError(f"no PEM certificate in {path}")
+    return chain
+
+
+def _utc(cert: x509.Certificate, name: str) -> datetime.datetime:
+    # cryptography >= 42 has the aware *_utc accessors; before, naive datetimes in UTC.
+    aware: Optional[datetime.datetime] = getattr(cert, name + "_utc", None)
+    if aware is not None:
+        return aware
+    naive: datetime.datetime = getattr(cert, name)
+    return naive.replace(tzinfo=datetime.timezone.utc)
+
+
+def not_valid_after(cert: x509.Certificate) -> datetime.datetime:
+    """notAfter as an aware UTC datetime (cryptography 38 to latest)."""
+    return _utc(cert, "not_valid_after")
+
+
+def not_valid_before(cert: x509.Certificate) -> datetime.datetime:
+    """notBefore as an aware UTC datetime (cryptography 38 to latest)."""
+    return _utc(cert, "not_valid_before")
 
 
 def fingerprint(cert: x509.Certificate) -> str:
