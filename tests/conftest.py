@@ -104,6 +104,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "(the rest of the suite runs on the full flavours only, see tests/bed/certbots.py)")
     config.addinivalue_line(
         "markers", "bed: needs the real test bed (pebble, Apache, BIND) on loopback ports")
+    # Also in pyproject.toml; here for runs without it (the autopkgtest's copy of tests/).
+    config.addinivalue_line("markers", "slow: long-running end-to-end test")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
