@@ -170,14 +170,14 @@ lintian_strict "$WORK/lintian-strict.log" "$WORK"/*.changes
 
 step "source package: the sdist as orig tarball + packaging/debian, lintian"
 # What a distribution uploads: the release tarball (python -m build --sdist) and debian/.
-mkdir -p "$WORK/source"
-(cd "$TREE" && python3 -c 'import sys; from setuptools import build_meta as b
-print(b.build_sdist(sys.argv[1]))' "$WORK/source") > "$WORK/sdist.log" 2>&1 \
-  || { cat "$WORK/sdist.log"; exit 1; }
-SDIST=$(tail -1 "$WORK/sdist.log")
+# python3-build comes with pybuild-plugin-pyproject; no isolation: apt's setuptools. From
+# $WORK: a build/ directory in the current one would shadow the module.
+mkdir -p "$WORK/source/dist"
+(cd "$WORK" && python3 -m build --sdist --no-isolation --outdir "$WORK/source/dist" "$TREE") \
+  > "$WORK/sdist.log" 2>&1 || { cat "$WORK/sdist.log"; exit 1; }
 VERSION=$(dpkg-parsechangelog -l "$TREE/packaging/debian/changelog" -S Version)
 UPSTREAM=${VERSION%-*}
-mv "$WORK/source/$SDIST" "$WORK/source/certbot-batch_$UPSTREAM.orig.tar.gz"
+mv "$WORK"/source/dist/certbot[-_]batch-"$UPSTREAM".tar.gz "$WORK/source/certbot-batch_$UPSTREAM.orig.tar.gz"
 mkdir "$WORK/source/unpacked"
 tar -xzf "$WORK/source/certbot-batch_$UPSTREAM.orig.tar.gz" -C "$WORK/source/unpacked" --strip-components=1
 cp -r "$WORK/source/unpacked/packaging/debian" "$WORK/source/unpacked/debian"

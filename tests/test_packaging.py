@@ -292,9 +292,11 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_sdist_contents(sdist: Path) -> None:
-    prefix = f"certbot-batch-{certbot_batch.__version__}/"
     with tarfile.open(sdist) as tar:
         names = [m.name for m in tar.getmembers() if m.isfile()]
+    # certbot-batch-X/ (setuptools < 69.3) or certbot_batch-X/ (normalized, newer ones)
+    prefix = names[0].split("/", 1)[0] + "/"
+    assert re.fullmatch(rf"certbot[-_]batch-{re.escape(certbot_batch.__version__)}/", prefix)
     assert all(n.startswith(prefix) for n in names)
     inside = {n[len(prefix):] for n in names}
     missing = [f for f in _SDIST_MUST_HAVE if f not in inside]
