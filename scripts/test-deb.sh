@@ -75,8 +75,16 @@ inside() {
   step "autopkgtest debian/tests/renew-with-pebble"
   mkdir -p "$WORK/adt"
   AUTOPKGTEST_TMP="$WORK/adt" debian/tests/renew-with-pebble
-  step "purge"
-  apt-get purge $APT_OPTS "$PKG" > "$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log"; return 1; }
+  step "purge (docs/debian.md)"
+  local dropin=/etc/systemd/system/certbot.service.d/certbot-batch.conf
+  [ ! -f "$dropin" ] || cp "$dropin" "$WORK/dropin.conf"
+  local reload=true units="/lib/systemd/system/certbot.timer /lib/systemd/system/certbot.service"
+  if command -v systemd-analyze >/dev/null && [ -f /lib/systemd/system/certbot.timer ]; then
+    reload="systemd-analyze verify $units"  # no systemd to reload in a test container
+  fi
+  run_doc_block docs/debian.md deb-remove "systemctl daemon-reload=$reload" \
+    "apt-get purge=apt-get purge $APT_OPTS" > "$WORK/purge.log" 2>&1 \
+    || { cat "$WORK/purge.log"; return 1; }
   if dpkg-query -W -f='${Status}\n' "$PKG" 2>/dev/null | grep -q 'installed'; then
     echo "$PKG is still installed"; return 1
   fi
@@ -87,14 +95,17 @@ inside() {
   if /usr/bin/certbot plugins --text 2>&1 | grep -q batch-; then
     echo "certbot still lists a batch plugin after the purge"; return 1
   fi
-  # The drop-ins the admin enabled stay in /etc after a purge: their command must fall back
-  # to certbot's own (docs/scheduling.md).
-  local dropin=/etc/systemd/system/certbot.service.d/certbot-batch.conf
-  if [ -n "${CERTBOT_BATCH_DEB_PRIVATE_ETC:-}" ] && [ -f "$dropin" ]; then
+  for p in /etc/systemd/system/certbot.timer.d/certbot-batch.conf "$dropin"; do
+    [ ! -e "$p" ] || { echo "the documented removal left $p behind"; return 1; }
+  done
+  # A drop-in left behind after the purge: its command falls back to certbot's own
+  # (docs/debian.md, docs/scheduling.md).
+  if [ -f "$WORK/dropin.conf" ]; then
     python3 -c 'import shlex, sys
 lines = [l for l in open(sys.argv[1]) if l.startswith("ExecStart=")]
-print(shlex.join(shlex.split(lines[-1].split("=", 1)[1])))' "$dropin" > "$WORK/execstart"
-    bash -c "$(cat "$WORK/execstart")" || { echo "the drop-in's command fails without the package"; return 1; }
+print(shlex.join(shlex.split(lines[-1].split("=", 1)[1])))' "$WORK/dropin.conf" > "$WORK/execstart"
+    bash -c "$(cat "$WORK/execstart")" > "$WORK/fallback.log" 2>&1 \
+      || { cat "$WORK/fallback.log"; echo "the drop-in's command fails without the package"; return 1; }
   fi
   step "package installed, tested and purged"
 }

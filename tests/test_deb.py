@@ -208,6 +208,16 @@ def test_documented_use(site: Site) -> None:
     table = proc.stdout[proc.stdout.rindex("lineage "):]
     assert all(name in table for name in names), table
     assert "2 lineage(s), 0 due, 0 needing attention" in table
+    # Before removing the package: back to the stock plugins, settings kept.
+    proc = site.run(docblocks.block(ROOT / "docs" / "debian.md", "deb-revert"))
+    assert proc.returncode == 0, output(proc) + site.bot.log_text()[-6000:]
+    for name in names:
+        assert site.versions(name) == 3, output(proc)
+        conf = site.bot.renewal_conf(name).read_text()
+        assert "authenticator = webroot" in conf and "installer = apache" in conf, conf
+        assert f"apache_server_root = {site.apache.root}" in conf
+        live = certs.load_pem_chain(site.bot.live(name) / "cert.pem")[0]
+        assert site.apache.wait_for_cert(name, live).serial_number == live.serial_number
 
 
 def _verify(*units: Path) -> str:

@@ -39,9 +39,12 @@ RUNNERS = {
     "deb-install": "scripts/test-deb.sh",
     "deb-use": "tests/test_deb.py",
     "deb-timer": "tests/test_deb.py",
+    "deb-revert": "tests/test_deb.py",
+    "deb-remove": "scripts/test-deb.sh",
     "cron": "tests/test_deb.py",
     "venv": "tests/test_docs.py",
     "venv-timer": "tests/test_docs.py",
+    "venv-update": "tests/test_docs.py",
     "plugin-path": "tests/test_docs.py",
 }
 
@@ -125,6 +128,18 @@ def test_venv_route(tmp_path: Path, tree: Path) -> None:
     assert "* batch-webroot" in proc.stdout and "* batch-apache" in proc.stdout, output(proc)
     assert f"certbot-batch {certbot_batch.__version__}\n" in proc.stdout
     assert "Traceback" not in output(proc)
+    # Updating: pip replaces the venv's copy (here: with the same tree).
+    text = docblocks.substitute(docblocks.block(DEBIAN_MD, "venv-update"), [
+        ("pip install --no-deps --upgrade certbot-batch",
+         f"pip install -q --no-deps --upgrade --no-build-isolation --no-index {tree}"),
+        ("/opt/certbot-batch", str(venv)),
+    ])
+    proc = docblocks.run_block(text, env, tmp_path)
+    assert proc.returncode == 0, output(proc)
+    installed = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                "import certbot_batch; print(certbot_batch.__file__)"],
+                               capture_output=True, text=True, env=env, check=True)
+    assert installed.stdout.startswith(str(venv)), installed.stdout
     # Only through the wrapper: apt's /usr/bin/certbot does not see the venv.
     if Path("/usr/bin/certbot").exists():
         stock = subprocess.run(["/usr/bin/certbot", "plugins", "--text"], capture_output=True,
