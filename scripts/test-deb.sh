@@ -88,12 +88,16 @@ inside() {
   if dpkg-query -W -f='${Status}\n' "$PKG" 2>/dev/null | grep -q 'installed'; then
     echo "$PKG is still installed"; return 1
   fi
-  for p in /usr/lib/python3/dist-packages/certbot_batch /usr/bin/certbot-batch \
+  for p in /usr/lib/python3/dist-packages/certbot_batch \
+           /usr/lib/python3/dist-packages/certbot_batch-*.dist-info /usr/bin/certbot-batch \
            /usr/share/doc/$PKG /usr/share/man/man1/certbot-batch.1.gz; do
     [ ! -e "$p" ] || { echo "purge left $p behind"; return 1; }
   done
-  if /usr/bin/certbot plugins --text 2>&1 | grep -q batch-; then
-    echo "certbot still lists a batch plugin after the purge"; return 1
+  /usr/bin/certbot plugins --text > "$WORK/plugins-after.log" 2>&1 \
+    || { cat "$WORK/plugins-after.log"; echo "certbot plugins fails after the purge"; return 1; }
+  if grep -qE '^\* batch-' "$WORK/plugins-after.log"; then
+    cat "$WORK/plugins-after.log"; echo "certbot still lists a batch plugin after the purge"
+    return 1
   fi
   for p in /etc/systemd/system/certbot.timer.d/certbot-batch.conf "$dropin"; do
     [ ! -e "$p" ] || { echo "the documented removal left $p behind"; return 1; }
