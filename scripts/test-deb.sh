@@ -133,6 +133,10 @@ fi
 
 WORK=$(mktemp -d /tmp/certbot-batch-deb.XXXXXX)
 chmod 755 "$WORK"  # the private Apache's www-data must reach the webroot under it
+# Every temporary file of the run under $WORK, removed with it (lintian leaves files behind
+# in $TMPDIR).
+mkdir -m 755 "$WORK/tmp"
+export TMPDIR="$WORK/tmp"
 TREE=$WORK/src
 cleanup() {
   local rc=$?
