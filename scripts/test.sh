@@ -11,7 +11,7 @@ lint_dirs=(); for d in src tests benchmarks scripts; do [ -d "$d" ] && lint_dirs
 echo "== ruff";  .venv-pypi/bin/ruff check "${lint_dirs[@]}" || status=1
 echo "== mypy";  .venv-pypi/bin/mypy || status=1
 echo "== pytest"
-.venv-pypi/bin/python -m pytest -q -ra "$@"
+.venv-pypi/bin/python -m pytest -q -ra --durations=30 "$@"
 rc=$?
 # pytest exit 5 = no tests collected: that is a failure here, not a pass.
 [ $rc -eq 0 ] || status=1

@@ -20,6 +20,7 @@ from typing import Optional
 import pytest
 
 from certbot_batch import _certbot
+from tests import sourcetree
 from tests.bed import certbots, hiding
 from tests.bed.apache import Apache
 from tests.bed.certbots import Certbot
@@ -115,8 +116,10 @@ def test_certbot_1_21_runs_as_stock(tmp_path: Path, route: str) -> None:
         # docs/debian.md's route: pip --no-deps --target DIR + CERTBOT_PLUGIN_PATH, into an
         # interpreter where certbot-batch is otherwise invisible.
         target = tmp_path / "plugins"
+        # From a copy: building writes build/ and *.egg-info into the tree it builds.
+        source = sourcetree.copy_source_tree(tmp_path / "src")
         pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
-                              "--target", str(target), str(ROOT)],
+                              "--target", str(target), str(source)],
                              capture_output=True, text=True, check=False, timeout=300,
                              env=certbots.clean_env())
         assert pip.returncode == 0, pip.stderr

@@ -18,6 +18,7 @@ as it was: stock behaviour, no traceback, the same exit codes and return values.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -102,8 +103,6 @@ BOUNDARY: tuple[Internal, ...] = (
              "call", 2),
     Internal("certbot._internal.plugins.selection", "choose_configurator_plugins",
              "the lineage's plugins, as certbot's renew_cert chooses them", "call", 3),
-    Internal(_M, "_init_le_client", "the lineage's ACME client, as certbot's renew_cert",
-             "call", 3),
     Internal("certbot._internal.cli", "flag_default", "certbot's default server", "call", 1),
     Internal("certbot._internal.cli", "set_by_cli", "was an option given (certbot < 2.3: "
              "config.set_by_user does not exist yet)", "call", 1, required=False),
@@ -113,6 +112,20 @@ BOUNDARY: tuple[Internal, ...] = (
              "after a stop signal", "wrap", 2),
     Internal("acme.messages", "NewOrder.to_partial_json", "ARI 'replaces' in the order "
              "payload", "wrap", 1),
+    Internal("acme.client", "ClientV2.finalize_order", "no new certificate is issued after "
+             "a stop signal (what was issued is saved); rate-limit answers", "wrap", 2),
+    Internal("acme.client", "ClientNetwork._send_request", "pacing towards the CA (token "
+             "bucket, CA-wide pause on 503/429, status and Retry-After of each answer)",
+             "wrap", 3),
+    Internal("acme.client", "ClientNetwork._post_once", "a request answered 503 is sent "
+             "again after the CA-wide pause", "wrap", 3),
+    Internal("acme.client", "ClientNetwork.get", "a request answered 503 is sent again "
+             "after the CA-wide pause", "wrap", 2),
+    Internal("certbot._internal.auth_handler", "AuthHandler._report_failed_authzrs",
+             "the CA's reason for a failed validation, for the lineage's backoff record",
+             "wrap", 2),
+    Internal(_M, "_init_le_client", "a lineage renewed from the fallback CA is saved with "
+             "its own renewal conf (primary server) by certbot's loop", "wrap", 3),
 )
 
 _lock = threading.Lock()
@@ -380,8 +393,8 @@ def _wrap_handle_renewal_request(orig: Callable[..., Any]) -> Callable[..., Any]
     def handle_renewal_request(config: Any, *args: Any, **kwargs: Any) -> Any:
         from certbot_batch import session
 
-        def stock() -> Any:
-            return orig(config, *args, **kwargs)
+        def stock(cfg: Any = None) -> Any:
+            return orig(config if cfg is None else cfg, *args, **kwargs)
 
         if args or kwargs:
             return stock()  # a signature we do not know: certbot's own, untouched
@@ -392,7 +405,18 @@ def _wrap_handle_renewal_request(orig: Callable[..., Any]) -> Callable[..., Any]
 
 def _wrap_make_dirs(orig: Callable[..., Any]) -> Callable[..., Any]:
     def make_or_verify_needed_dirs(config: Any, *args: Any, **kwargs: Any) -> Any:
-        result = orig(config, *args, **kwargs)
+        try:
+            result = orig(config, *args, **kwargs)
+        except Exception as exc:
+            # --batch-skip-if-locked: another certbot run holds the lock (an hourly timer
+            # meeting a long run): one line, exit 0, instead of an error mail every hour.
+            if getattr(config, "batch_skip_if_locked", False) is True and \
+                    type(exc).__name__ == "LockError":
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(f"certbot-batch: {exc} Nothing to do for this run "
+                                     "(--batch-skip-if-locked).\n")
+                raise SystemExit(0) from None
+            raise
         try:
             from certbot_batch import recovery
 
@@ -597,8 +621,74 @@ def _wrap_to_partial_json(orig: Callable[..., Any]) -> Callable[..., Any]:
     return replaces.wrap_to_partial_json(orig)
 
 
-def _passthrough(orig: Any) -> Any:
-    return orig
+def _wrap_finalize(orig: Callable[..., Any]) -> Callable[..., Any]:
+    from certbot_batch.challenges import replaces
+
+    def finalize_order(self: Any, orderr: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = current()
+        if ctx is not None and ctx.stopping.is_set():
+            raise replaces.Stopped("certbot-batch: the run is stopping (signal); the order "
+                                   "was not finalized")
+        if ctx is not None and ctx.pacer is not None:
+            return ctx.pacer.finalize(orig, self, ctx.current_lineage(), orderr, *args,
+                                      **kwargs)
+        return orig(self, orderr, *args, **kwargs)
+    return finalize_order
+
+
+def _wrap_send_request(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def _send_request(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        ctx = current()
+        if ctx is not None and ctx.pacer is not None:
+            return ctx.pacer.send(orig, self, method, url, *args, **kwargs)
+        return orig(self, method, url, *args, **kwargs)
+    return _send_request
+
+
+def _wrap_retrying(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def retrying(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = current()
+        if ctx is not None and ctx.pacer is not None:
+            return ctx.pacer.retrying(orig, ctx.stopping.is_set, self, *args, **kwargs)
+        return orig(self, *args, **kwargs)
+    return retrying
+
+
+def _wrap_report_failed(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def _report_failed_authzrs(self: Any, failed_authzrs: Any, *args: Any,
+                               **kwargs: Any) -> Any:
+        ctx = current()
+        name = ctx.current_lineage() if ctx is not None else None
+        if ctx is not None and name:
+            problems = []
+            with contextlib.suppress(Exception):
+                for authzr in failed_authzrs:
+                    ident = getattr(authzr.body.identifier, "value", authzr.body.identifier)
+                    for challb in authzr.body.challenges:
+                        if challb.error:
+                            problems.append(f"{ident}: {challb.error.typ.split(':')[-1]}: "
+                                            f"{challb.error.detail}")
+            with ctx.lock:
+                ctx.failure_detail[name] = "; ".join(problems)
+        return orig(self, failed_authzrs, *args, **kwargs)
+    return _report_failed_authzrs
+
+
+def _wrap_init_le_client(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def _init_le_client(config: Any, authenticator: Any, installer: Any, *args: Any,
+                        **kwargs: Any) -> Any:
+        ctx = current()
+        name = ctx.current_lineage() if ctx is not None else None
+        fallback = ctx.fallback.get(name) if ctx is not None and name else None
+        if fallback is not None:
+            # Renewed from the fallback CA: its client talks to that CA, while certbot's
+            # loop saves the lineage with the lineage's own config (its server stays the
+            # primary one, so the next renewal goes back there).
+            config = copy.deepcopy(config)  # NamespaceConfig: a shallow copy shares values
+            config.server = fallback
+            config.account = None
+        return orig(config, authenticator, installer, *args, **kwargs)
+    return _init_le_client
 
 
 _WRAPPERS: dict[tuple[str, str], Callable[[Any], Any]] = {
@@ -617,6 +707,13 @@ _WRAPPERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("certbot.compat.filesystem", "makedirs"): _wrap_makedirs,
     ("acme.client", "ClientV2.new_order"): _wrap_new_order,
     ("acme.messages", "NewOrder.to_partial_json"): _wrap_to_partial_json,
+    ("acme.client", "ClientV2.finalize_order"): _wrap_finalize,
+    ("acme.client", "ClientNetwork._send_request"): _wrap_send_request,
+    ("acme.client", "ClientNetwork._post_once"): _wrap_retrying,
+    ("acme.client", "ClientNetwork.get"): _wrap_retrying,
+    ("certbot._internal.auth_handler", "AuthHandler._report_failed_authzrs"):
+        _wrap_report_failed,
+    (_M, "_init_le_client"): _wrap_init_le_client,
 }
 
 # Every wrapped entry has a wrapper, and nothing else is wrapped.
@@ -705,6 +802,10 @@ def prepare_obtain(config: Any, lineage: Any, plugins: Any) -> Callable[[], Any]
         _call(_R, "_update_renewal_params_from_key", new_key, config)
     installer, auth = _call("certbot._internal.plugins.selection",
                             "choose_configurator_plugins", config, plugins, "certonly")
+    ctx = current()
+    if ctx is not None and ctx.wrap_authenticator is not None and auth is not None:
+        # e.g. a DNS plugin whose perform() joins the wave's grouped perform
+        auth = ctx.wrap_authenticator(auth, config)
     le_client = _call(_M, "_init_le_client", config, auth, installer)
     obtain = _orig("certbot._internal.client", "Client.obtain_certificate")
     return lambda: obtain(le_client, sans, new_key)

@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from certbot_batch import __version__, paths
+from certbot_batch.deploy import pending
 from certbot_batch.scan.engine import fmt_time
 from certbot_batch.scan.state import LineageState, StateDB
 
@@ -98,6 +99,8 @@ def _attention(state: Optional[LineageState], now: float) -> Optional[str]:
         return "not scanned yet"
     if state.not_after is not None and state.not_after <= now:
         return "expired"
+    if state.renew_failures or state.renew_next_attempt:
+        return "renewal failing"
     if state.due:
         return "overdue"
     if state.last_error:
@@ -110,6 +113,8 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
         return {"lineage": name, "names": [], "not_after": None, "ari_window": None,
                 "chosen_time": None, "due": None, "reason": "not scanned yet",
                 "next_check": None, "failures": 0, "last_error": None,
+                "renew_attempts": 0, "renew_failing_since": None, "renew_last_error": None,
+                "renew_next_attempt": None, "issued_by": None,
                 "attention": "not scanned yet"}
     return {
         "lineage": name,
@@ -126,6 +131,13 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
         "failures": state.failures,
         "last_error": state.last_error,
         "last_scan": fmt_time(state.last_scan) if state.last_scan else None,
+        "renew_attempts": state.renew_failures,
+        "renew_failing_since": (fmt_time(state.renew_failing_since)
+                                if state.renew_failing_since else None),
+        "renew_last_error": state.renew_last_error,
+        "renew_next_attempt": (fmt_time(state.renew_next_attempt)
+                               if state.renew_next_attempt else None),
+        "issued_by": state.issued_by or state.server,
         "attention": _attention(state, now),
     }
 
@@ -139,7 +151,7 @@ def _short_error(text: str) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     headers = ["lineage", "names", "notAfter", "ARI window", "chosen time", "due?",
-               "next check", "last error"]
+               "next check", "attempts", "next attempt", "issued by", "last error"]
     body = []
     for r in rows:
         window = " .. ".join(r["ari_window"]) if r.get("ari_window") else "-"
@@ -147,9 +159,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
         names = " ".join(r["names"]) or "-"
         if len(names) > 40:
             names = names[:37] + "..."
+        issuer = re.sub(r"^https?://([^/]+).*$", r"\1", r.get("issued_by") or "-")
+        error = r.get("renew_last_error") or r["last_error"] or r.get("attention") or "-"
         body.append([r["lineage"], names, r["not_after"] or "-", window,
                      r["chosen_time"] or "-", due, r["next_check"] or "-",
-                     _short_error(r["last_error"] or r.get("attention") or "-")[:120]])
+                     str(r.get("renew_attempts") or 0), r.get("renew_next_attempt") or "-",
+                     issuer, _short_error(error)[:120]])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)] if body else \
         [len(h) for h in headers]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
@@ -158,7 +173,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _prometheus(rows: list[dict[str, Any]], states: dict[str, LineageState],
-                now: float) -> str:
+                now: float, pending_count: int = 0) -> str:
     out = [
         "# HELP certbot_batch_cert_not_after_seconds Expiry of the lineage's certificate.",
         "# TYPE certbot_batch_cert_not_after_seconds gauge",
@@ -175,6 +190,8 @@ def _prometheus(rows: list[dict[str, Any]], states: dict[str, LineageState],
         gauges["due"].append(f"certbot_batch_lineage_due{{{label}}} {1 if r['due'] else 0}")
         gauges["failures"].append(
             f"certbot_batch_lineage_check_failures{{{label}}} {r['failures']}")
+        gauges.setdefault("renew", []).append(
+            f"certbot_batch_lineage_renew_failures{{{label}}} {r.get('renew_attempts') or 0}")
         if st is not None and st.chosen_time is not None:
             gauges["chosen"].append(
                 f"certbot_batch_ari_renewal_time_seconds{{{label}}} {st.chosen_time:.0f}")
@@ -185,6 +202,12 @@ def _prometheus(rows: list[dict[str, Any]], states: dict[str, LineageState],
             "# TYPE certbot_batch_lineage_check_failures gauge"] + gauges["failures"]
     out += ["# HELP certbot_batch_ari_renewal_time_seconds Renewal time chosen in the ARI "
             "window.", "# TYPE certbot_batch_ari_renewal_time_seconds gauge"] + gauges["chosen"]
+    out += ["# HELP certbot_batch_lineage_renew_failures Consecutive failed renewal "
+            "attempts (the lineage backs off).",
+            "# TYPE certbot_batch_lineage_renew_failures gauge"] + gauges.get("renew", [])
+    out += ["# HELP certbot_batch_deployment_pending Renewed lineages not deployed yet.",
+            "# TYPE certbot_batch_deployment_pending gauge",
+            f"certbot_batch_deployment_pending {pending_count}"]
     attention = sum(1 for r in rows if r["attention"])
     out += ["# HELP certbot_batch_lineages_needing_attention Overdue, expired, failing or "
             "unscanned lineages.", "# TYPE certbot_batch_lineages_needing_attention gauge",
@@ -230,15 +253,32 @@ def status(args: argparse.Namespace) -> int:
               "a batch plugin (or --batch-engine) once.", file=sys.stderr)
     now = time.time()
     rows = [_row(n, states.get(n), now) for n in names]
+    record = pending.load(pending.path_for(dirs))
+    pending_names = [str(n) for n in (record or {}).get("lineages") or []]
     if args.json:
-        print(json.dumps({"generated": fmt_time(now), "lineages": rows}, indent=2))
+        doc: dict[str, Any] = {"generated": fmt_time(now), "lineages": rows,
+                               "pending_deployment": None}
+        if record is not None:
+            doc["pending_deployment"] = {
+                "lineages": pending_names,
+                "since": fmt_time(record.get("since")) if record.get("since") else None,
+                "error": record.get("error")}
+        print(json.dumps(doc, indent=2))
     elif not args.quiet:
         print(_table(rows))
         attention = [r for r in rows if r["attention"]]
         due = sum(1 for r in rows if r["due"])
         print(f"\n{len(rows)} lineage(s), {due} due, {len(attention)} needing attention")
+        if record is not None:
+            since = fmt_time(record.get("since")) if record.get("since") else "?"
+            print(f"DEPLOYMENT PENDING since {since}: {len(pending_names)} renewed lineage(s) "
+                  f"not deployed yet ({', '.join(pending_names[:10])}"
+                  f"{' ...' if len(pending_names) > 10 else ''}); last error: "
+                  f"{record.get('error') or '-'}. The next certbot run retries.")
     if args.prometheus:
-        _write_atomic(args.prometheus, _prometheus(rows, states, now))
+        _write_atomic(args.prometheus, _prometheus(rows, states, now, len(pending_names)))
+    if record is not None:
+        return EXIT_ATTENTION
     return EXIT_ATTENTION if any(r["attention"] for r in rows) else EXIT_OK
 
 

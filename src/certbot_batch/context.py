@@ -28,14 +28,25 @@ class RunContext:
     plugin_entry_points: Optional[list[Any]] = None
     #: the challenge batch (rendezvous) of the wave in flight
     batch: Optional[Any] = None
+    #: the order in which the wave in flight sends its new orders (urgency first)
+    order_gate: Optional[Any] = None
     #: the run's Apache deployment (one configtest + reload at the end)
     deploy: Optional[Any] = None
     #: certID that a new order of the calling thread's lineage replaces (ARI), or None
     replaces_for: Optional[Callable[[], Optional[str]]] = None
-    #: called before each new order (pacing towards the CA), in the ordering thread
-    before_order: Optional[Callable[[], None]] = None
+    #: (authenticator, lineage config) -> the authenticator the lineage's issuance uses
+    #: ahead of certbot's loop (a proxy that joins the wave's batch), or the same object
+    wrap_authenticator: Optional[Callable[[Any, Any], Any]] = None
+    #: pacing and backoff towards the CA (ca/pacing.py AcmePacer)
+    pacer: Optional[Any] = None
+    #: lineage -> the CA's reason its validation failed (for its backoff record)
+    failure_detail: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: lineage -> fallback CA directory URL it is being renewed from
+    fallback: dict[str, str] = dataclasses.field(default_factory=dict)
     #: set by a stop signal: start no new orders, finish what was issued
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
+    #: the name of the signal that stopped the run ("SIGTERM"), when one did
+    stop_signal: Optional[str] = None
     #: what certbot's loop would have printed / run, held back until the end of the run
     summaries: list[tuple[list[str], list[str], list[str], list[str]]] = \
         dataclasses.field(default_factory=list)

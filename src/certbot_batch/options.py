@@ -45,3 +45,61 @@ def _add(parser: Any) -> None:
              "renewed in the run: $RENEWED_LINEAGES, $RENEWED_DOMAINS and a JSON manifest "
              "in $CERTBOT_BATCH_MANIFEST. Executables in renewal-hooks/batch-deploy/ run "
              "the same way.")
+    parser.add_argument(
+        "--batch-acme-rate", dest="batch_acme_rate", type=float, default=100.0,
+        help="Maximum ACME requests per second to one CA while renewing (new-order, "
+             "authorizations, challenges, finalize, downloads); 503 and 429 answers pause "
+             "every request to that CA for its Retry-After. (default: 100; Let's Encrypt "
+             "allows 250 per IP, 20 on staging)")
+    parser.add_argument(
+        "--batch-fallback-server", dest="batch_fallback_server", default=None,
+        metavar="URL",
+        help="ACME directory of a fallback CA (register an account there first: certbot "
+             "register --server URL). A due lineage whose own CA is unreachable, answers "
+             "5xx or refuses it for a rate limit, and whose certificate expires within "
+             "--batch-fallback-within days, is renewed from it in the same run; its "
+             "renewal conf keeps its own CA for the next renewal. Never used by --dry-run.")
+    parser.add_argument(
+        "--batch-fallback-within", dest="batch_fallback_within", type=float, default=7.0,
+        metavar="DAYS",
+        help="Use the fallback CA only for certificates expiring within this many days. "
+             "(default: 7)")
+    parser.add_argument(
+        "--batch-skip-if-locked", dest="batch_skip_if_locked", action="store_true",
+        default=False,
+        help="When another certbot run holds certbot's lock, say so in one line and exit 0 "
+             "instead of failing (for frequent timer or cron runs).")
+
+
+#: (option, attribute, minimum, whether the minimum itself is allowed)
+_BOUNDS = (
+    ("--batch-workers", "batch_workers", 1, True),
+    ("--batch-size", "batch_size", 1, True),
+    ("--batch-ari-rate", "batch_ari_rate", 0, False),
+    ("--batch-timeout", "batch_timeout", 0, False),
+    ("--batch-acme-rate", "batch_acme_rate", 0, False),
+    ("--batch-fallback-within", "batch_fallback_within", 0, True),
+)
+
+
+def validate(config: Any) -> None:
+    """Check every run-wide option before any CA contact: a clear error naming the option
+    (and cli.ini, where it may come from), never a traceback deep inside a worker."""
+    from certbot import errors
+
+    for flag, attr, minimum, inclusive in _BOUNDS:
+        value = getattr(config, attr, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise errors.Error(f"{flag} must be a number (got {value!r}); check the command "
+                               "line and cli.ini")
+        if value < minimum or (not inclusive and value == minimum):
+            bound = f"at least {minimum}" if inclusive else f"more than {minimum}"
+            raise errors.Error(f"{flag} must be {bound} (got {value}); check the command "
+                               "line and cli.ini")
+    fallback = getattr(config, "batch_fallback_server", None)
+    if fallback is not None and (not isinstance(fallback, str)
+                                 or not fallback.startswith(("https://", "http://"))):
+        raise errors.Error(f"--batch-fallback-server must be an ACME directory URL (got "
+                           f"{fallback!r}); check the command line and cli.ini")

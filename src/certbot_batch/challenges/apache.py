@@ -40,7 +40,7 @@ from certbot_batch.deploy import apachectl, reload
 
 logger = logging.getLogger(__name__)
 
-SNIPPET_NAME = "certbot-batch-acme.conf"
+SNIPPET_NAME = "certbot-batch-acme.conf"  # = journal.SNIPPET
 CHALLENGE_DIR_NAME = "certbot-batch-http01"
 _LISTEN = re.compile(r"^\s*Listen\s+(\S+)", re.IGNORECASE | re.MULTILINE)
 #: How long to wait for the reloaded Apache to serve the challenges.
@@ -148,15 +148,23 @@ def _fetch(host: str, port: int, vhost: str, path: str) -> tuple[Optional[int], 
 
 
 def ensure_served_dir(path: str) -> None:
-    """Create ``path`` (and parents) readable and searchable by Apache's user (0755), whatever
-    the umask, and repair one of ours left 0700 (Apache then answers 403 to the CA). The
-    umask is process-wide and certbot's ``filesystem.makedirs(p, 0o700)`` sets it to 0o077
-    for a moment, in whichever worker thread runs it: hence the chmod afterwards."""
-    old_umask = os.umask(0o022)
-    try:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-    finally:
-        os.umask(old_umask)
+    """Create ``path`` (and parents) readable and searchable by Apache's user (0755), and
+    repair one of ours left 0700 (Apache then answers 403 to the CA). Modes are set with
+    chmod, never through the umask: that is process-wide, shared with worker threads."""
+    missing = []
+    cur = os.path.abspath(path)
+    while not os.path.isdir(cur):
+        missing.append(cur)
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
+        os.chmod(directory, 0o755)
     mode = os.stat(path).st_mode & 0o777
     if mode & 0o055 != 0o055:
         os.chmod(path, mode | 0o755)
@@ -215,6 +223,8 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
             raise errors.PluginError(
                 f"{snippet} exists: another certbot-batch run may be serving challenges. "
                 "Remove it if no certbot is running.")
+        # The reload entry lets the next run drop the snippet from a running Apache too.
+        self.journal.record("reload", [settings.ctl])
         self.journal.record("file", [snippet])
         probe = ChallengeFile(identifier=items[0].identifier, webroot=settings.challenge_root,
                               token="certbot-batch-probe-" + secrets.token_hex(8),

@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Iterable, Optional
 
+from certbot import errors
+
 from certbot_batch.challenges.webroot import ChallengeFile, WebrootProvisioner
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class ChallengeBatch:
         self._outstanding: set[str] = set()
         self._provisioned = False
         self._cleaned = False
+        self._closed = False
         self.provisioner = provisioner
         self.wait_timeout = wait_timeout
         self.provision_calls = 0
@@ -47,6 +50,10 @@ class ChallengeBatch:
         """Register this lineage's files; returns once they are on disk (or raises its own
         error: one lineage's bad webroot never costs the others their renewal)."""
         with self._cond:
+            if self._closed:
+                # The wave was given up (stop signal): nothing may be written any more.
+                raise errors.PluginError("certbot-batch: the run is stopping; no challenge "
+                                         "was provisioned for this lineage")
             if self._provisioned:
                 # Arrived after the wave was provisioned (timeout): provision it alone.
                 failures = self.provisioner.provision(items)
@@ -61,6 +68,9 @@ class ChallengeBatch:
             self._maybe_provision()
             deadline = time.monotonic() + self.wait_timeout
             while not self._provisioned:
+                if self._closed:
+                    raise errors.PluginError("certbot-batch: the run is stopping; no "
+                                             "challenge was provisioned for this lineage")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     logger.warning("certbot-batch: %d lineage(s) did not reach validation in "
@@ -74,7 +84,7 @@ class ChallengeBatch:
                 raise self._errors[lineage]
 
     def _maybe_provision(self) -> None:
-        if self._provisioned or self._pending:
+        if self._provisioned or self._pending or self._closed:
             return
         all_items = [item for items in self._arrived.values() for item in items]
         failures = self.provisioner.provision(all_items)
@@ -117,4 +127,5 @@ class ChallengeBatch:
                 self.cleanup_calls += 1
                 self._cleaned = True
             self._pending.clear()
+            self._closed = True
             self._cond.notify_all()

@@ -13,6 +13,9 @@ from typing import Iterable
 
 logger = logging.getLogger(__name__)
 
+#: batch-apache's challenge snippet (challenges/apache.py SNIPPET_NAME)
+SNIPPET = "certbot-batch-acme.conf"
+
 
 class Journal:
     def __init__(self, path: str) -> None:
@@ -54,15 +57,32 @@ class Journal:
                 pass
 
     def recover(self) -> int:
-        """Remove everything a previous (interrupted) run left behind. Returns count removed."""
+        """Remove everything a previous (interrupted) run left behind; reload Apache when
+        its challenge snippet was among it (else the running server keeps serving the
+        Alias from memory). Returns the count removed."""
         entries = self.entries()
         if not entries:
             self.clear()
             return 0
+        snippets = [p for k, p in entries if k == "file" and os.path.basename(p) == SNIPPET
+                    and os.path.lexists(p)]
         removed = remove_paths(entries)
         if removed:
             logger.warning("certbot-batch: removed %d challenge file(s)/dir(s) left behind by "
                            "an interrupted run (journal %s)", removed, self.path)
+        ctls = [p for k, p in entries if k == "reload"]
+        if snippets and ctls:
+            from certbot import errors
+
+            from certbot_batch.deploy import apachectl
+            try:
+                apachectl.configtest(ctls[-1])
+                apachectl.graceful(ctls[-1])
+                logger.warning("certbot-batch: reloaded Apache (%s) to drop the challenge "
+                               "configuration of the interrupted run", ctls[-1])
+            except errors.Error as exc:
+                logger.warning("certbot-batch: could not reload Apache after removing %s: "
+                               "%s", snippets[0], exc)
         self.clear()
         return removed
 
@@ -70,7 +90,7 @@ class Journal:
 def remove_paths(entries: list[tuple[str, str]]) -> int:
     removed = 0
     for kind, path in entries:
-        if kind == "file":
+        if kind == "file" and os.path.lexists(path):
             try:
                 os.remove(path)
                 removed += 1

@@ -1,23 +1,25 @@
-"""Obtain the certificates of all due batch-capable lineages together, ahead of certbot's loop.
+"""Obtain the certificates of one wave of due lineages together, ahead of certbot's loop.
 
 Each lineage runs certbot's own issuance code (same account, server, profile, key and CSR
 settings, same authorization handling: pending authorizations are never deactivated) in a
 worker thread of its wave. Their ``perform`` calls meet in one :class:`ChallengeBatch`, so
 the challenges of the whole wave are provisioned in one action, validated concurrently and
-cleaned up once; finalization runs concurrently too. certbot's per-lineage loop then
-receives each lineage's result instead of contacting the CA again, and saves the lineage,
-runs its hooks and deploys exactly as usual. A lineage that failed here fails in the loop
-with the CA's error, without a second validation attempt.
+cleaned up once; finalization runs concurrently too. The session then hands the wave to
+certbot's per-lineage loop, which receives each lineage's result instead of contacting the
+CA again, and saves the lineage, runs its hooks and deploys exactly as usual; so every
+certificate issued in a wave is saved before the next wave starts.
+
+A stop signal (the session sets ``ctx.stopping``) makes the wave start no new order and
+finalize no new certificate (``_certbot`` wraps acme for that); the workers still in
+flight get a grace period to finish what the CA already issued, then the wave's
+challenges are cleaned up and the session saves what arrived. Workers are daemon threads:
+one blocked in a network call can never keep the process alive.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import copy
 import dataclasses
 import logging
-import os
-import signal
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -32,6 +34,14 @@ logger = logging.getLogger(__name__)
 
 #: Authenticators whose perform() can join a batch.
 BATCH_AUTHENTICATORS = ("batch-webroot", "batch-apache")
+#: After a stop signal, how long the wave's workers may take to finish what is in flight.
+STOP_GRACE = 30.0
+
+
+def batchable(lineage_config: Any) -> bool:
+    """Can this lineage's challenges be validated together with the rest of its wave?"""
+    return getattr(lineage_config, "authenticator", None) in BATCH_AUTHENTICATORS
+
 
 def active_batch() -> Optional[ChallengeBatch]:
     """The challenge batch of the wave in flight (inside a renewal session), or None."""
@@ -40,13 +50,72 @@ def active_batch() -> Optional[ChallengeBatch]:
     return batch if isinstance(batch, ChallengeBatch) else None
 
 
+class OrderGate:
+    """New orders of a wave go out in the wave's order (urgency first: least time before
+    expiry or before the end of the ARI window): lineage k sends its order once every
+    lineage before it has sent its own or dropped out. When the CA stops the run part way
+    (a rate limit, a pause, a stop signal), the most urgent lineages were served first."""
+
+    def __init__(self, names: list[str], stopping: threading.Event,
+                 wait_timeout: float = 300.0) -> None:
+        self._rank = {name: i for i, name in enumerate(names)}
+        self._passed: set[str] = set()
+        self._next = 0
+        self._order = list(names)
+        self._cond = threading.Condition()
+        self._stopping = stopping
+        self.wait_timeout = wait_timeout
+
+    def _advance(self) -> None:
+        while self._next < len(self._order) and self._order[self._next] in self._passed:
+            self._next += 1
+        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def turn(self, name: Optional[str]) -> Iterator[None]:
+        rank = self._rank.get(name or "")
+        if rank is None:
+            yield
+            return
+        deadline = time.monotonic() + self.wait_timeout
+        with self._cond:
+            while self._next < rank and not self._stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.debug("certbot-batch: %s orders without waiting for its turn", name)
+                    break
+                self._cond.wait(min(remaining, 0.5))
+        try:
+            yield
+        finally:
+            self.done(name or "")
+
+    def done(self, name: str) -> None:
+        """The lineage sent its order, or will not send one."""
+        with self._cond:
+            if name in self._rank and name not in self._passed:
+                self._passed.add(name)
+                self._advance()
+
+
 @dataclasses.dataclass
-class PrevalidationReport:
+class Prepared:
+    """A due lineage, loaded (in the main thread) for its wave."""
+    name: str
+    conf_path: str
+    config: Any
+    lineage: Any
+
+
+@dataclasses.dataclass
+class WaveReport:
     results: dict[str, Any]
     provision_calls: int = 0
     cleanup_calls: int = 0
     files: int = 0
     elapsed: float = 0.0
+    #: lineages whose worker had not finished when the wave was given up (stop signal)
+    abandoned: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> list[str]:
@@ -57,124 +126,73 @@ class PrevalidationReport:
         return [n for n, r in self.results.items() if isinstance(r, BaseException)]
 
 
-def _obtain_one(config: Any, conf_file: str, name: str, batch: ChallengeBatch) -> Any:
-    with _certbot.lineage_context(name):
+def _obtain_one(item: Prepared, batch: ChallengeBatch, gate: OrderGate) -> Any:
+    with _certbot.lineage_context(item.name):
         try:
-            lineage_config = copy.deepcopy(config)
-            lineage = _certbot.reconstitute(lineage_config, conf_file)
-            if lineage is None:
-                raise ValueError(f"renewal conf {conf_file} could not be loaded")
             # A registry of its own: certbot caches the initialised plugin (built from one
             # lineage's config: webroot map, ...) on the registry's entry points.
             plugins = _certbot.find_plugins()
-            obtain = _certbot.prepare_obtain(lineage_config, lineage, plugins)
+            obtain = _certbot.prepare_obtain(item.config, item.lineage, plugins)
             return obtain()
         finally:
-            batch.depart(name)
+            gate.done(item.name)
+            batch.depart(item.name)
 
 
-#: The signals certbot's own ErrorHandler cleans up on (SIGTERM, SIGHUP, SIGQUIT; SIGXCPU
-#: and SIGXFSZ are left to it: they do not come from a user), plus SIGINT, which certbot
-#: sees as KeyboardInterrupt in the main thread only.
-_STOP_SIGNALS = tuple(getattr(signal, name)
-                      for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-                      if hasattr(signal, name))
-
-
-def _on_stop_signal(signum: int, frame: Any) -> None:
-    """A stop signal while a wave is out: remove its challenge files, then die of the signal
-    (with its default action, as certbot's ErrorHandler does after its own cleanup).
-
-    The lineages' workers are deep inside certbot's obtain_certificate (polling the CA), where
-    neither certbot's own signal handling (main thread only) nor a KeyboardInterrupt reaches
-    them, so the process must not wait for them: raising SystemExit here would hang in the
-    executor's shutdown and in the interpreter's exit, which join those threads. Holding the
-    batch's lock while cleaning up and re-raising keeps any worker from provisioning again
-    in between.
-    """
-    batch = active_batch()
-    if batch is None:
-        _die(signum)
-        return
-    with batch.locked():
-        try:
-            batch.finish()
-            logger.warning("certbot-batch: interrupted by signal %d; challenge files removed",
-                           signum)
-        except Exception:  # noqa: BLE001  (the journal lets the next run finish the job)
-            logger.exception("certbot-batch: cleanup after signal %d failed; the next run "
-                             "removes the leftovers (journal)", signum)
-        _die(signum)
-
-
-def _die(signum: int) -> None:
-    logging.shutdown()  # flush certbot's log file
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    # Not reached: the default action of every signal in _STOP_SIGNALS ends the process.
-    os._exit(128 + signum)
-
-
-@contextlib.contextmanager
-def _stop_signals_cleanup() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    for sig in _STOP_SIGNALS:
-        handler = signal.getsignal(sig)
-        # An ignored signal stays ignored (nohup, `certbot renew &` from a script: SIGINT and
-        # SIGQUIT are SIG_IGN there), and a handler set outside Python cannot be restored.
-        if handler is None or handler == signal.SIG_IGN:
-            continue
-        previous[sig] = handler
-        signal.signal(sig, _on_stop_signal)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def run(ctx: RunContext, lineages: list[tuple[str, str]], wave_size: int = 100) -> \
-        PrevalidationReport:
-    """``lineages``: (name, renewal conf path). Returns each lineage's obtain_certificate
-    result, or the exception it raised."""
-    with _stop_signals_cleanup():
-        return _run(ctx, lineages, wave_size)
-
-
-def _run(ctx: RunContext, lineages: list[tuple[str, str]], wave_size: int) -> \
-        PrevalidationReport:
-    config = ctx.config
+def run_wave(ctx: RunContext, items: list[Prepared]) -> WaveReport:
+    """Validate and issue ``items`` together. Returns each lineage's obtain_certificate
+    result, or the exception it raised (one lineage's error never costs another its
+    certificate)."""
     t0 = time.monotonic()
-    report = PrevalidationReport(results={})
+    report = WaveReport(results={})
+    if not items:
+        return report
     _certbot.find_plugins()  # fills the session's entry-point cache before the threads start
-    journal = Journal(paths.journal_path(config))
-    for start in range(0, len(lineages), max(1, wave_size)):
-        wave = lineages[start:start + wave_size]
-        batch = ChallengeBatch([name for name, _ in wave], ApacheChallengeProvisioner(journal))
-        ctx.batch = batch
+    journal = Journal(paths.journal_path(ctx.config))
+    batch = ChallengeBatch([item.name for item in items], ApacheChallengeProvisioner(journal))
+    gate = OrderGate([item.name for item in items], ctx.stopping)
+    done = threading.Condition()
+    results: dict[str, Any] = {}
+
+    def work(item: Prepared) -> None:
         try:
-            # One thread per lineage of the wave: they must all be able to reach the
-            # rendezvous at the same time. The wave size bounds the load on the CA.
-            with concurrent.futures.ThreadPoolExecutor(
-                    max_workers=len(wave), thread_name_prefix="certbot-batch-obtain") as pool:
-                futures = {pool.submit(_obtain_one, config, conf, name, batch): name
-                           for name, conf in wave}
-                for fut in concurrent.futures.as_completed(futures):
-                    name = futures[fut]
-                    try:
-                        report.results[name] = fut.result()
-                    except BaseException as exc:  # noqa: BLE001  (kept for certbot's loop)
-                        logger.debug("Lineage %s failed ahead of certbot's loop", name,
-                                     exc_info=True)
-                        report.results[name] = exc
-        finally:
-            batch.finish()
-            ctx.batch = None
-            report.provision_calls += batch.provision_calls
-            report.cleanup_calls += batch.cleanup_calls
-            report.files += batch.files_provisioned
+            result: Any = _obtain_one(item, batch, gate)
+        except BaseException as exc:  # noqa: BLE001  (kept for certbot's loop)
+            logger.debug("Lineage %s failed ahead of certbot's loop", item.name, exc_info=True)
+            result = exc
+        with done:
+            results[item.name] = result
+            done.notify_all()
+
+    ctx.batch = batch
+    ctx.order_gate = gate
+    try:
+        # One thread per lineage of the wave: they must all be able to reach the rendezvous
+        # at the same time. The wave size bounds the load on the CA.
+        for item in items:
+            threading.Thread(target=work, args=(item,), daemon=True,
+                             name=f"certbot-batch-{item.name}").start()
+        stop_deadline: Optional[float] = None
+        with done:
+            while len(results) < len(items):
+                if ctx.stopping.is_set():
+                    stop_deadline = stop_deadline or time.monotonic() + STOP_GRACE
+                    if time.monotonic() >= stop_deadline:
+                        break
+                # A bounded wait: signal handlers run in this (main) thread in between.
+                done.wait(0.2)
+            report.results = dict(results)
+        report.abandoned = [item.name for item in items if item.name not in report.results]
+        if report.abandoned:
+            logger.warning("certbot-batch: stopping; %d lineage(s) of the wave still talking "
+                           "to the CA are given up: %s", len(report.abandoned),
+                           ", ".join(report.abandoned[:20]))
+    finally:
+        batch.finish()
+        ctx.batch = None
+        ctx.order_gate = None
+        report.provision_calls = batch.provision_calls
+        report.cleanup_calls = batch.cleanup_calls
+        report.files = batch.files_provisioned
     report.elapsed = time.monotonic() - t0
     return report

@@ -48,23 +48,38 @@ def wrap_new_order(orig: Callable[..., Any], current: Callable[[], Any]) -> Call
         ctx = current()
         if ctx is not None and ctx.stopping.is_set():
             raise Stopped("certbot-batch: the run is stopping (signal); no new order started")
-        pace = getattr(ctx, "before_order", None) if ctx is not None else None
-        if pace is not None:
-            pace()
+        gate = getattr(ctx, "order_gate", None) if ctx is not None else None
+        if gate is not None:
+            with gate.turn(ctx.current_lineage()):
+                if ctx.stopping.is_set():
+                    raise Stopped("certbot-batch: the run is stopping (signal); no new order "
+                                  "started")
+                return _ordered(self, csr_pem, *args, **kwargs)
+        return _ordered(self, csr_pem, *args, **kwargs)
+
+    def _ordered(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> Any:
+        ctx = current()
+        pacer = getattr(ctx, "pacer", None) if ctx is not None else None
+
+        def send(client: Any, *a: Any, **kw: Any) -> Any:
+            if pacer is not None:
+                return pacer.new_order(orig, client, ctx.current_lineage(), *a, **kw)
+            return orig(client, *a, **kw)
+
         lookup = ctx.replaces_for if ctx is not None else None
         cert_id = lookup() if lookup is not None else None
         if not cert_id:
-            return orig(self, csr_pem, *args, **kwargs)
+            return send(self, csr_pem, *args, **kwargs)
         _local.replaces = cert_id
         try:
-            return orig(self, csr_pem, *args, **kwargs)
+            return send(self, csr_pem, *args, **kwargs)
         except messages.Error as exc:
             if not is_already_replaced(exc):
                 raise
             logger.info("The CA says certificate %s was already replaced; ordering again "
                         "without 'replaces'", cert_id)
             _local.replaces = None
-            return orig(self, csr_pem, *args, **kwargs)
+            return send(self, csr_pem, *args, **kwargs)
         finally:
             _local.replaces = None
     new_order.__wrapped__ = orig  # type: ignore[attr-defined]

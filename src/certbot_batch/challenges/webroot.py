@@ -100,24 +100,21 @@ class WebrootProvisioner:
         missing.reverse()
         self.journal.record("dir", missing)
         self.journal.record("file", [item.path])
-        old_umask = os.umask(0o022)
+        # Modes are set explicitly (chmod) instead of through the umask: the umask is
+        # process-wide, and changing it from a worker thread would race with every other
+        # thread creating files (certbot's own included).
+        for path in missing:
+            os.mkdir(path, 0o755)
+            self._dirs.append(path)
+            os.chmod(path, 0o755)
+            _copy_owner(item.webroot, path)
+        fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for path in missing:
-                os.mkdir(path, 0o755)
-                self._dirs.append(path)
-                # The umask is process-wide: certbot's filesystem.makedirs(p, 0o700) in a
-                # concurrent worker thread sets it to 0o077 for a moment.
-                os.chmod(path, 0o755)
-                _copy_owner(item.webroot, path)
-            fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, item.content)
-            finally:
-                os.close(fd)
-            os.chmod(item.path, 0o644)
-            self._files.append(item.path)
+            os.fchmod(fd, 0o644)
+            os.write(fd, item.content)
         finally:
-            os.umask(old_umask)
+            os.close(fd)
+        self._files.append(item.path)
 
     def cleanup(self) -> None:
         entries = [("file", p) for p in self._files] + [("dir", p) for p in self._dirs]

@@ -53,14 +53,16 @@ def hook_commands(config: Any) -> list[str]:
 
 
 def run_batch_hooks(config: Any, lineages: list[dict[str, Any]],
-                    apache_reload: str = "none") -> Optional[str]:
-    """Run every batch deploy hook once. Returns an error message, or None.
+                    apache_reload: str = "none",
+                    commands: Optional[list[str]] = None) -> Optional[str]:
+    """Run every batch deploy hook once (``commands``, default: those configured now).
+    Returns an error message, or None.
 
     ``apache_reload`` (exported as $CERTBOT_BATCH_APACHE_RELOAD): "reloaded", "none" (no
     batch-apache reload in this run), "configtest-failed" or "reload-failed"."""
     if not lineages:
         return None
-    cmds = hook_commands(config)
+    cmds = hook_commands(config) if commands is None else list(commands)
     if not cmds:
         return None
     fd, manifest = tempfile.mkstemp(prefix="batch-deploy-", suffix=".json",

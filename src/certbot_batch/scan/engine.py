@@ -116,6 +116,10 @@ def _conf_value(conf: Any, key: str) -> Optional[str]:
     return str(value)
 
 
+_TRUE = ("true", "on", "yes", "1")
+_FALSE = ("false", "off", "no", "0")
+
+
 def read_conf(state: LineageState, path: str) -> None:
     """Fields of the renewal conf the decision needs (configobj, as certbot)."""
     import configobj
@@ -133,13 +137,23 @@ def read_conf(state: LineageState, path: str) -> None:
         raise ValueError(f"renewal conf {path} names no 'cert' file")
     state.cert_path = cert
     state.chain_path = _conf_value(conf, "chain")
+    state.privkey_path = _conf_value(conf, "privkey")
+    state.fullchain_path = _conf_value(conf, "fullchain")
     state.server = _conf_value(params, "server")
     state.authenticator = _conf_value(params, "authenticator")
     state.installer = _conf_value(params, "installer")
-    # certbot reads it from [renewalparams] (RenewableCert.autorenewal_is_enabled, as_bool)
+    # certbot reads it from [renewalparams] (RenewableCert.autorenewal_is_enabled:
+    # configobj's as_bool, which refuses anything but these words).
     autorenew = _conf_value(params, "autorenew")
-    state.autorenew = not (autorenew is not None
-                           and autorenew.strip().lower() in ("false", "no", "off", "0"))
+    if autorenew is None:
+        state.autorenew = True
+    elif autorenew.strip().lower() in _TRUE:
+        state.autorenew = True
+    elif autorenew.strip().lower() in _FALSE:
+        state.autorenew = False
+    else:
+        raise ValueError(f"renewal conf {path}: autorenew = {autorenew!r} is neither True "
+                         "nor False")
     state.renew_before_expiry = _conf_value(conf, "renew_before_expiry")
 
 
@@ -367,9 +381,10 @@ class Scanner:
                 continue
             state.due, state.reason = decide(state, now, self.settings)
             state.last_scan = now
-        self.db.save(states)
-        if full:
-            self.db.delete_missing({s.name for s in states})
+        if not self.settings.dry_run:  # a dry run leaves the stored state as it was
+            self.db.save(states)
+            if full:
+                self.db.delete_missing({s.name for s in states})
         return ScanReport(states=states, broken=broken, ari_requests=self._counts["ari"],
                           ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0)
 
@@ -389,6 +404,13 @@ class Scanner:
                 read_conf(state, path)
                 state.conf_sig = conf_sig
             assert state.cert_path
+            # certbot's RenewableCert checks all four live/ links of a lineage on every run
+            # and calls the lineage broken when one does not resolve: so do we (a stat each).
+            for link in (state.cert_path, state.privkey_path, state.chain_path,
+                         state.fullchain_path):
+                if link and not os.path.exists(link):
+                    raise ValueError(f"{link}: No such file or directory (a broken live/ "
+                                     "link?)")
             cert_sig = _cert_sig(state.cert_path)
             if cert_sig != state.cert_sig or state.not_after is None:
                 state.reset_cert_facts()

@@ -17,7 +17,9 @@ from typing import Any, Iterable, Optional
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: How long to wait for another process's lock on the database before running without it.
+LOCK_TIMEOUT = 5.0
 
 
 @dataclasses.dataclass
@@ -34,6 +36,8 @@ class LineageState:
     renew_before_expiry: Optional[str] = None
     cert_path: Optional[str] = None
     chain_path: Optional[str] = None
+    privkey_path: Optional[str] = None
+    fullchain_path: Optional[str] = None
     # From the certificate.
     serial: Optional[str] = None
     names: str = ""             # space separated
@@ -55,6 +59,14 @@ class LineageState:
     reason: str = ""
     last_scan: Optional[float] = None
     last_renewed: Optional[float] = None
+    # Renewal attempts that failed (validation, order, finalization), for the backoff.
+    renew_failures: int = 0
+    renew_failing_since: Optional[float] = None
+    renew_last_error: Optional[str] = None
+    renew_next_attempt: Optional[float] = None
+    renew_fail_conf_sig: Optional[str] = None
+    #: ACME server that issued the current certificate (a fallback CA, or the lineage's own)
+    issued_by: Optional[str] = None
 
     def reset_cert_facts(self) -> None:
         """The certificate changed: everything learned about the old one is void."""
@@ -79,32 +91,69 @@ def _ddl() -> str:
     for f in dataclasses.fields(LineageState):
         if f.name == "name":
             cols.append("name TEXT PRIMARY KEY")
-        elif f.name in _BOOL_FIELDS or f.name == "failures":
+        elif f.name in _BOOL_FIELDS or f.name in ("failures", "renew_failures"):
             cols.append(f"{f.name} INTEGER")
         elif f.name in ("not_before", "not_after", "window_start", "window_end",
-                        "chosen_time", "next_check", "ocsp_next", "last_scan", "last_renewed"):
+                        "chosen_time", "next_check", "ocsp_next", "last_scan", "last_renewed",
+                        "renew_failing_since", "renew_next_attempt"):
             cols.append(f"{f.name} REAL")
         else:
             cols.append(f"{f.name} TEXT")
     return f"CREATE TABLE IF NOT EXISTS lineage ({', '.join(cols)})"
 
 
+def _kind(exc: BaseException) -> str:
+    """"busy" (another process holds a lock), "denied" (permissions, read-only), or
+    "corrupt" (anything else sqlite calls a database error)."""
+    text = str(exc).lower()
+    if isinstance(exc, PermissionError) or "readonly" in text or "read-only" in text \
+            or "unable to open" in text or "permission" in text:
+        return "denied"
+    if "locked" in text or "busy" in text:
+        return "busy"
+    if isinstance(exc, OSError):
+        return "denied"
+    return "corrupt"
+
+
 class StateDB:
+    """The state database. It is a cache, never a reason to fail: busy (locked by another
+    process) or unusable (permissions), the run goes on with an in-memory database (a cold
+    scan, one warning); only a corrupt file is moved aside and rebuilt. Writes that fail
+    later in the run are dropped with one warning."""
+
     def __init__(self, path: str, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
         self.rebuilt_reason: Optional[str] = None
+        #: why the run goes without the on-disk database, or None
+        self.unavailable: Optional[str] = None
+        self._write_warned = False
         self.conn = self._open()
 
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
             uri = f"file:{self.path}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
-        else:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            return sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT,
+                                   check_same_thread=False)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _memory(self, why: str) -> sqlite3.Connection:
+        self.unavailable = why
+        logger.warning("certbot-batch: the state database %s is %s; this run goes without "
+                       "it (every lineage is checked as on a first run). Nothing else "
+                       "changes.", self.path, why)
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+        self._init_schema(conn)
         return conn
 
     def _open(self) -> sqlite3.Connection:
@@ -115,10 +164,18 @@ class StateDB:
             conn = self._connect()
             self._init_schema(conn)
             return conn
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
-            return self._rebuild(f"unreadable ({exc})")
+            kind = _kind(exc)
+            if kind == "busy":
+                return self._memory(f"locked by another process ({exc})")
+            if kind == "denied":
+                return self._memory(f"not usable ({exc})")
+            try:
+                return self._rebuild(f"unreadable ({exc})")
+            except (sqlite3.Error, OSError) as again:
+                return self._memory(f"unreadable and could not be rebuilt ({again})")
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -151,13 +208,28 @@ class StateDB:
         self._init_schema(conn)
         return conn
 
+    def _write_failed(self, exc: BaseException) -> None:
+        if not self._write_warned:
+            self._write_warned = True
+            logger.warning("certbot-batch: could not write the state database %s (%s); "
+                           "the run goes on without saving its state there.", self.path, exc)
+
     def load_all(self) -> dict[str, LineageState]:
         try:
             rows = self.conn.execute(f"SELECT {', '.join(_FIELDS)} FROM lineage").fetchall()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             if self.readonly:
                 raise
-            self.conn = self._rebuild(f"unreadable ({exc})")
+            kind = _kind(exc)
+            if kind == "corrupt":
+                try:
+                    self.conn = self._rebuild(f"unreadable ({exc})")
+                except (sqlite3.Error, OSError) as again:
+                    self.conn = self._memory(f"unreadable ({again})")
+            else:
+                self.conn.close()
+                self.conn = self._memory(f"locked by another process ({exc})"
+                                         if kind == "busy" else f"not usable ({exc})")
             return {}
         out: dict[str, LineageState] = {}
         for row in rows:
@@ -165,6 +237,7 @@ class StateDB:
             for b in _BOOL_FIELDS:
                 values[b] = bool(values[b])
             values["failures"] = int(values["failures"] or 0)
+            values["renew_failures"] = int(values["renew_failures"] or 0)
             values["names"] = values["names"] or ""
             values["conf_path"] = values["conf_path"] or ""
             values["conf_sig"] = values["conf_sig"] or ""
@@ -184,27 +257,37 @@ class StateDB:
             return
         sql = (f"INSERT OR REPLACE INTO lineage ({', '.join(_FIELDS)}) "
                f"VALUES ({', '.join('?' for _ in _FIELDS)})")
+        self._write(sql, rows)
+
+    def _write(self, sql: str, rows: list[Any]) -> None:
         try:
             with self.conn:
                 self.conn.executemany(sql, rows)
-        except sqlite3.DatabaseError as exc:
-            self.conn = self._rebuild(f"unwritable ({exc})")
-            with self.conn:
-                self.conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            self._write_failed(exc)
 
     def delete_missing(self, present: set[str]) -> None:
         """Forget lineages that were deleted (full scans only)."""
-        names = [r[0] for r in self.conn.execute("SELECT name FROM lineage")]
+        try:
+            names = [r[0] for r in self.conn.execute("SELECT name FROM lineage")]
+        except sqlite3.Error as exc:
+            self._write_failed(exc)
+            return
         gone = [(n,) for n in names if n not in present]
         if gone:
-            with self.conn:
-                self.conn.executemany("DELETE FROM lineage WHERE name=?", gone)
+            self._write("DELETE FROM lineage WHERE name=?", gone)
 
-    def mark_renewed(self, name: str, when: float) -> None:
-        with self.conn:
-            self.conn.execute(
-                "UPDATE lineage SET last_renewed=?, due=0, reason='renewed', cert_sig='' "
-                "WHERE name=?", (when, name))
+    def mark_renewed(self, name: str, when: float, issued_by: Optional[str] = None) -> None:
+        """A renewal succeeded: the cert facts are re-read next time, the backoff ends."""
+        self._write(
+            "UPDATE lineage SET last_renewed=?, due=0, reason='renewed', cert_sig='', "
+            "renew_failures=0, renew_failing_since=NULL, renew_last_error=NULL, "
+            "renew_next_attempt=NULL, renew_fail_conf_sig=NULL, issued_by=? WHERE name=?",
+            [(when, issued_by, name)])
+
+    def update(self, state: LineageState) -> None:
+        """Write one lineage's row (e.g. its renewal backoff)."""
+        self.save([state])
 
     def close(self) -> None:
         try:
