@@ -590,18 +590,13 @@ def _wrap_makedirs(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _makedirs_no_umask(path: str, mode: int) -> None:
+    from certbot_batch.paths import missing_dirs
+
     path = os.path.abspath(path)
-    missing = []
-    cur = path
-    while not os.path.isdir(cur):
-        missing.append(cur)
-        parent = os.path.dirname(cur)
-        if parent == cur:
-            break
-        cur = parent
+    missing = missing_dirs(path)
     if not missing:
         raise FileExistsError(17, "File exists", path)  # as os.makedirs(exist_ok=False)
-    for directory in reversed(missing):
+    for directory in missing:
         try:
             os.mkdir(directory, mode)
         except FileExistsError:

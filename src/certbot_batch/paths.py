@@ -17,3 +17,18 @@ def journal_path(config: Any) -> str:
 
 def state_db_path(config: Any) -> str:
     return os.path.join(state_dir(config), "state.sqlite")
+
+
+def missing_dirs(path: str) -> list[str]:
+    """The directories on the way to ``path`` (itself included) that do not exist yet,
+    outermost first: what ``os.makedirs`` would create."""
+    missing = []
+    cur = os.path.abspath(path)
+    while not os.path.isdir(cur):
+        missing.append(cur)
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+    missing.reverse()
+    return missing

@@ -34,6 +34,7 @@ from typing import Iterable, Optional
 
 from certbot import errors
 
+from certbot_batch import paths
 from certbot_batch.challenges.journal import Journal
 from certbot_batch.challenges.webroot import ChallengeFile, WebrootProvisioner
 from certbot_batch.deploy import apachectl, reload
@@ -151,15 +152,7 @@ def ensure_served_dir(path: str) -> None:
     """Create ``path`` (and parents) readable and searchable by Apache's user (0755), and
     repair one of ours left 0700 (Apache then answers 403 to the CA). Modes are set with
     chmod, never through the umask: that is process-wide, shared with worker threads."""
-    missing = []
-    cur = os.path.abspath(path)
-    while not os.path.isdir(cur):
-        missing.append(cur)
-        parent = os.path.dirname(cur)
-        if parent == cur:
-            break
-        cur = parent
-    for directory in reversed(missing):
+    for directory in paths.missing_dirs(path):
         try:
             os.mkdir(directory, 0o755)
         except FileExistsError:

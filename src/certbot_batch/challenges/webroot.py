@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 
 from certbot import errors
 
+from certbot_batch import paths
 from certbot_batch.challenges.journal import Journal, remove_paths
 
 logger = logging.getLogger(__name__)
@@ -88,16 +89,7 @@ class WebrootProvisioner:
         return failures
 
     def _write(self, item: ChallengeFile) -> None:
-        target_dir = os.path.dirname(item.path)
-        missing: list[str] = []
-        d = target_dir
-        while not os.path.isdir(d):
-            missing.append(d)
-            parent = os.path.dirname(d)
-            if parent == d:
-                break
-            d = parent
-        missing.reverse()
+        missing = paths.missing_dirs(os.path.dirname(item.path))
         self.journal.record("dir", missing)
         self.journal.record("file", [item.path])
         # Modes are set explicitly (chmod) instead of through the umask: the umask is
