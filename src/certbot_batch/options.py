@@ -37,8 +37,9 @@ def _add(parser: Any) -> None:
         help="Timeout in seconds for one ARI or OCSP request. (default: 10)")
     parser.add_argument(
         "--batch-size", dest="batch_size", type=int, default=100,
-        help="Due lineages validated together in one wave (one provisioning action and "
-             "one cleanup per wave; also the number of concurrent orders). (default: 100)")
+        help="Due lineages renewed together in one wave: one provisioning action and one "
+             "cleanup per wave, the wave's certificates saved before the next wave starts "
+             "(so a SIGKILL loses at most one wave). (default: 100)")
     parser.add_argument(
         "--batch-deploy-hook", dest="batch_deploy_hook", default=None,
         help="Command run once per renewal run, after the Apache reload, with every lineage "
