@@ -142,7 +142,7 @@ def test_rate_limited_new_order_is_not_retried_and_defers_the_account() -> None:
 def test_order_gate_sends_in_urgency_order() -> None:
     names = [f"l{i}" for i in range(8)]
     stopping = threading.Event()
-    gate = OrderGate(names, stopping)
+    gate = OrderGate(names, stopping, width=1)
     entered: list[str] = []
     lock = threading.Lock()
 
@@ -162,18 +162,49 @@ def test_order_gate_sends_in_urgency_order() -> None:
     assert entered == [n for n in names if n != "l3"]
 
 
+def test_order_gate_two_at_a_time_in_order() -> None:
+    names = [f"l{i}" for i in range(10)]
+    gate = OrderGate(names, threading.Event(), width=2)
+    inside: set[str] = set()
+    most = []
+    violations = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        with gate.turn(name):
+            with lock:
+                rank = names.index(name)
+                # everyone ranked two or more before this one has ordered already
+                if any(n in inside or n not in done for n in names[:max(0, rank - 1)]):
+                    violations.append(name)
+                inside.add(name)
+                most.append(len(inside))
+            time.sleep(0.01)
+            with lock:
+                inside.discard(name)
+                done.add(name)
+
+    done: set[str] = set()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in reversed(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not violations and max(most) <= 2 and len(done) == 10
+
+
 def test_order_gate_does_not_hang_on_stop() -> None:
     stopping = threading.Event()
-    gate = OrderGate(["first", "second"], stopping)
+    gate = OrderGate(["first", "second", "third"], stopping, width=2)
     released = threading.Event()
 
-    def second() -> None:
-        with gate.turn("second"):
+    def third() -> None:
+        with gate.turn("third"):
             released.set()
 
-    t = threading.Thread(target=second)
+    t = threading.Thread(target=third)
     t.start()
-    assert not released.wait(0.3)  # "first" never ordered: "second" waits for its turn
+    assert not released.wait(0.3)  # "first" never ordered: "third" waits for its turn
     stopping.set()
     assert released.wait(5)
     t.join(5)

@@ -6,8 +6,8 @@ finalize, downloads) goes through one :class:`AcmePacer`:
 * a token bucket per CA (``--batch-acme-rate``, default 100 requests/s with bursts of 100:
   Let's Encrypt allows 250/s on /acme/* and 300/s on new-order per IP in production, 20/s on
   staging, where ``--dry-run`` goes);
-* new orders are sent one at a time per CA, so that a rate-limit answer stops the next one
-  (at most the orders already on the wire when it came reach the CA);
+* new orders go out in urgency order, at most two at a time (the wave's OrderGate), so
+  that after a rate-limit answer at most one more order was already on its way;
 * a 503, or a 429 outside new-order/finalize, pauses that CA for every thread, honouring
   Retry-After (clamped to [1 s, 5 min]; exponential from 1 s without one), and the request
   is retried after the pause instead of failing its lineage (within a time budget);
@@ -101,7 +101,6 @@ class AcmePacer:
         self.clock = clock
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._order_locks: dict[str, threading.Lock] = {}
         self._consecutive: dict[str, int] = {}
         #: (CA key, account URI) -> the account-wide limit that stopped its orders
         self.account_limits: dict[tuple[str, str], RateLimit] = {}
@@ -182,14 +181,6 @@ class AcmePacer:
                             "after the pause", status)
 
     # -- orders ------------------------------------------------------------------------------
-    def order_slot(self, ca_url: str) -> threading.Lock:
-        key = key_for_url(ca_url)
-        with self._lock:
-            lock = self._order_locks.get(key)
-            if lock is None:
-                lock = self._order_locks[key] = threading.Lock()
-            return lock
-
     def new_order(self, orig: Callable[..., Any], client: Any, lineage: Optional[str],
                   *args: Any, **kwargs: Any) -> Any:
         from acme import messages
@@ -197,19 +188,21 @@ class AcmePacer:
         url = _directory_url(client)
         account = _account_uri(client)
         key = (key_for_url(url), account)
-        with self.order_slot(url):
+        # (The wave's OrderGate decides when this lineage may order: in urgency order, at
+        # most two at a time.)
+        with self._lock:
             limit = self.account_limits.get(key)
-            if limit is not None:
-                raise Deferred(f"deferred: the CA's account-wide rate limit answered earlier "
-                               f"in this run: {limit.detail}", limit.retry_after)
-            self._local.endpoint = "newOrder"
-            try:
-                return orig(client, *args, **kwargs)
-            except messages.Error as exc:
-                self._note_rate_limit(exc, lineage, "newOrder", key)
-                raise
-            finally:
-                self._local.endpoint = ""
+        if limit is not None:
+            raise Deferred(f"deferred: the CA's account-wide rate limit answered earlier "
+                           f"in this run: {limit.detail}", limit.retry_after)
+        self._local.endpoint = "newOrder"
+        try:
+            return orig(client, *args, **kwargs)
+        except messages.Error as exc:
+            self._note_rate_limit(exc, lineage, "newOrder", key)
+            raise
+        finally:
+            self._local.endpoint = ""
 
     def finalize(self, orig: Callable[..., Any], client: Any, lineage: Optional[str],
                  *args: Any, **kwargs: Any) -> Any:

@@ -52,12 +52,15 @@ def active_batch() -> Optional[ChallengeBatch]:
 
 class OrderGate:
     """New orders of a wave go out in the wave's order (urgency first: least time before
-    expiry or before the end of the ARI window): lineage k sends its order once every
-    lineage before it has sent its own or dropped out. When the CA stops the run part way
-    (a rate limit, a pause, a stop signal), the most urgent lineages were served first."""
+    expiry or before the end of the ARI window), at most ``width`` at a time: lineage k
+    sends its order once every lineage before k - width + 1 has sent its own or dropped
+    out. When the CA stops the run part way (a rate limit, a pause, a stop signal), the
+    most urgent lineages were served first, and after a rate-limit answer at most
+    ``width - 1`` further orders were already on their way to the CA."""
 
     def __init__(self, names: list[str], stopping: threading.Event,
-                 wait_timeout: float = 300.0) -> None:
+                 wait_timeout: float = 300.0, width: int = 2) -> None:
+        self.width = max(1, width)
         self._rank = {name: i for i, name in enumerate(names)}
         self._passed: set[str] = set()
         self._next = 0
@@ -79,7 +82,7 @@ class OrderGate:
             return
         deadline = time.monotonic() + self.wait_timeout
         with self._cond:
-            while self._next < rank and not self._stopping.is_set():
+            while rank >= self._next + self.width and not self._stopping.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     logger.debug("certbot-batch: %s orders without waiting for its turn", name)
