@@ -29,6 +29,10 @@ def on_certbot_start(config: Any) -> None:
     journal = Journal(paths.journal_path(config))
     if os.path.exists(journal.path):
         journal.recover()
+    from certbot_batch.challenges import grouped
+
+    if os.path.exists(grouped.journal_path(config)):
+        grouped.recover(config)  # TXT records, with each lineage's own DNS plugin
     if os.path.exists(pending.path_for(config)):
         error = finish_pending(config)
         if error:

@@ -212,6 +212,8 @@ class RenewalSession:
             ctx.should_renew = self._should_renew
             ctx.renew_cert = self._renew_cert
             ctx.replaces_for = self._replaces_for_current
+            from certbot_batch.challenges import grouped  # DNS plugins, manual: grouped
+            ctx.wrap_authenticator = grouped.wrap_authenticator
             deploy_run = reload.begin(ctx)
             with stop_signals(ctx):
                 activation: Optional[contextlib.AbstractContextManager[Any]] = \

@@ -9,12 +9,18 @@ import json
 import logging
 import os
 import threading
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
 #: batch-apache's challenge snippet (challenges/apache.py SNIPPET_NAME)
 SNIPPET = "certbot-batch-acme.conf"
+#: dns-01 records of certbot's DNS plugins and manual hooks (challenges/grouped.py), kept in
+#: a journal file of their own (the webroot cleanup clears its journal whole): one
+#: DNS_RECORD line (renewal conf, plugin, domain, validation name and value, the plugin's
+#: settings) before the record is created, one DNS_REMOVED line (same id) once it is gone.
+DNS_RECORD = "dns-record"
+DNS_REMOVED = "dns-removed"
 
 
 class Journal:
@@ -32,6 +38,70 @@ class Journal:
                 fh.write(lines)
                 fh.flush()
                 os.fsync(fh.fileno())
+
+    def record_dns(self, records: Iterable[dict[str, Any]]) -> None:
+        """Journal DNS records (dicts with an "id"), before they are created."""
+        with self._lock:
+            self._append([dict(r, kind=DNS_RECORD) for r in records])
+
+    def dns_removed(self, ids: Iterable[str]) -> None:
+        """These records are gone again; the file goes once no record is left in it."""
+        lines = [{"kind": DNS_REMOVED, "id": i} for i in ids]
+        with self._lock:
+            if lines and os.path.exists(self.path):
+                self._append(lines)
+            if not self._dns_outstanding():
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+
+    def dns_records(self) -> list[dict[str, Any]]:
+        """The journaled DNS records not marked removed, in journal order."""
+        with self._lock:
+            return self._dns_outstanding()
+
+    def recover_dns(self, remove: Callable[[list[dict[str, Any]]], Iterable[str]]) -> int:
+        """Hand the records an interrupted run left to ``remove`` (which returns the ids it
+        removed); the others stay journaled for the next run. Returns the count removed."""
+        records = self.dns_records()
+        removed = list(remove(records)) if records else []
+        self.dns_removed(removed)
+        return len(removed)
+
+    def _append(self, items: list[dict[str, Any]]) -> None:
+        """(with the lock held) Append and fsync; 0600: the settings name credentials."""
+        if not items:
+            return
+        lines = "".join(json.dumps(item) + "\n" for item in items)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            lines = "\n" + lines  # a line torn by a crash stays a line of its own
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            fh.write(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _dns_outstanding(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                raw = fh.readlines()
+        except FileNotFoundError:
+            return []
+        records: dict[str, dict[str, Any]] = {}
+        for line in raw:
+            try:
+                item = json.loads(line)
+                kind, ident = item["kind"], str(item["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash
+            if kind == DNS_RECORD:
+                records[ident] = item
+            elif kind == DNS_REMOVED:
+                records.pop(ident, None)
+        return list(records.values())
 
     def entries(self) -> list[tuple[str, str]]:
         try:

@@ -39,8 +39,14 @@ STOP_GRACE = 30.0
 
 
 def batchable(lineage_config: Any) -> bool:
-    """Can this lineage's challenges be validated together with the rest of its wave?"""
-    return getattr(lineage_config, "authenticator", None) in BATCH_AUTHENTICATORS
+    """Can this lineage's challenges be validated together with the rest of its wave?
+    The batch plugins, and every DNS plugin built on certbot's dns_common (and manual with
+    an auth hook), whose perform() joins a group of the wave (challenges/grouped.py)."""
+    if getattr(lineage_config, "authenticator", None) in BATCH_AUTHENTICATORS:
+        return True
+    from certbot_batch.challenges import grouped
+
+    return grouped.groupable(lineage_config)
 
 
 def active_batch() -> Optional[ChallengeBatch]:
