@@ -98,9 +98,9 @@ def plugin_class(name: str) -> Optional[type]:
         for ep in importlib.metadata.entry_points(group="certbot.plugins"):
             if ep.name != name:
                 continue
-            # certbot's own plugins (webroot, standalone, manual, null) and ours are no DNS
-            # plugins: never load certbot's internals from here.
-            if ep.value.startswith(("certbot._internal", "certbot_batch")):
+            # certbot's own plugins (webroot, standalone, manual, null; apache from 5.5) and
+            # ours are no DNS plugins: never load certbot's internals from here.
+            if ep.value.partition(".")[0].partition(":")[0] in ("certbot", "certbot_batch"):
                 break
             loaded = ep.load()
             found = loaded if isinstance(loaded, type) else None
