@@ -32,6 +32,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from certbot_batch.challenges.prevalidate import STOP_GRACE
 from tests.bed import bind as bed_bind
 from tests.bed import farm, ports
 from tests.bed.apache import Apache
@@ -529,6 +530,29 @@ def test_sigkill_during_wait_then_plain_renew(bed: DnsBed) -> None:
     assert f"removed {2 * k} TXT record(s) left behind by an interrupted run" in \
         bed.bot.log_text()
     assert bed.orders() == 0
+    for name in names:
+        assert bed.versions(name) == 1, name
+
+
+def test_sigterm_wait_longer_than_the_grace(bed: DnsBed) -> None:
+    """The propagation wait outlasts the session's stop grace: the wave gives its workers
+    up (the plugin still sleeps in one of them) and the run ends; the records go at exit."""
+    k = 2
+    names = bed.add(k, "grace", propagation=int(STOP_GRACE) + 10)
+    proc = _start_renew(bed)
+    try:
+        _wait_for_records(bed, proc, 2 * k)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = _reap(proc, 120)
+    finally:
+        _reap(proc, 1)
+    assert proc.returncode != 0, stdout + stderr
+    log = bed.bot.log_text()
+    assert "still talking to the CA are given up" in log, log[-5000:]
+    assert f"removed the {2 * k} challenge(s) of {k} lineage(s) whose renewal was given up" \
+        in log, log[-5000:]
+    assert bed.bind.txt_records() == []
+    assert bed.journal_files() == []
     for name in names:
         assert bed.versions(name) == 1, name
 

@@ -556,22 +556,25 @@ class _Round:
         for record in self.records:
             record.removed = True
 
-    def emergency_cleanup(self) -> None:
-        """At interpreter exit: records of a round still up (its workers were given up)."""
+    def emergency_cleanup(self) -> bool:
+        """At interpreter exit: records of a round still up (its workers were given up).
+        True when they were removed here."""
         with self.cond:
             if self.cleaned or not self.performed or self.leader is None:
-                return
+                return False
         if self.kind == "manual":
             # Its perform() may still hold the lock (a hook that hangs): then the journal
             # leaves it to the next run.
             with _manual_environment(timeout=5.0) as acquired:
-                if acquired:
-                    with self.cond:
-                        self.cleaned = True
-                    self._manual_cleanup(self.leader, [r.achall for r in self.records])
-                    self.wave.journal.dns_removed([r.id for r in self.records])
-            return
+                if not acquired:
+                    return False
+                with self.cond:
+                    self.cleaned = True
+                self._manual_cleanup(self.leader, [r.achall for r in self.records])
+                self.wave.journal.dns_removed([r.id for r in self.records])
+            return True
         self._cleanup()
+        return True
 
 
 class _Wave:
@@ -630,7 +633,10 @@ def _at_exit() -> None:
         rounds = list(_live)
     for rnd in rounds:
         try:
-            rnd.emergency_cleanup()
+            if rnd.emergency_cleanup():
+                logger.warning("certbot-batch: %s: removed the %d challenge(s) of %d "
+                               "lineage(s) whose renewal was given up (the run stopped)",
+                               rnd.plugin, len(rnd.records), len(rnd.members))
         except Exception:  # noqa: BLE001  (the journal lets the next run finish the job)
             logger.debug("certbot-batch: cleanup at exit failed", exc_info=True)
 
