@@ -607,7 +607,6 @@ class _Wave:
                 del self.open[rnd.key]
         with _live_lock:
             _live.add(rnd)
-            _ensure_atexit()
 
     def cleaned(self, rnd: _Round) -> None:
         with _live_lock:
@@ -616,16 +615,9 @@ class _Wave:
 
 _waves: weakref.WeakKeyDictionary[ChallengeBatch, _Wave] = weakref.WeakKeyDictionary()
 _waves_lock = threading.Lock()
+#: rounds whose records may be up (sealed, not cleaned up yet)
 _live: set[_Round] = set()
 _live_lock = threading.Lock()
-_atexit_registered = False
-
-
-def _ensure_atexit() -> None:
-    global _atexit_registered
-    if not _atexit_registered:
-        _atexit_registered = True
-        atexit.register(_at_exit)
 
 
 def _at_exit() -> None:
@@ -639,6 +631,11 @@ def _at_exit() -> None:
                                rnd.plugin, len(rnd.records), len(rnd.members))
         except Exception:  # noqa: BLE001  (the journal lets the next run finish the job)
             logger.debug("certbot-batch: cleanup at exit failed", exc_info=True)
+
+
+# Registered when the module is imported (by the session or recovery, in the main thread),
+# not from a worker thread; a no-op when no round is live.
+atexit.register(_at_exit)
 
 
 def wrap_authenticator(auth: Any, lineage_config: Any) -> Any:
