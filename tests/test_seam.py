@@ -160,3 +160,36 @@ def test_makedirs_does_not_touch_umask(tmp_path: Path) -> None:
                 filesystem.makedirs(str(tmp_path / "t0"), 0o700)
     finally:
         os.umask(old)
+
+
+class _Immutable(Exception):
+    """Like acme 2.x's messages.Error (an immutable josepy object): no attribute can be set,
+    ``__traceback__`` included."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("can't set attribute")
+
+
+def test_errors_cross_our_scopes_untouched() -> None:
+    """@contextlib.contextmanager sets exc.__traceback__ on the way out, which turns acme
+    2.x's rate-limit or CA errors into "AttributeError: can't set attribute" (Python 3.11):
+    none of the scopes a CA error crosses may do that."""
+    from acme import messages
+
+    from certbot_batch import session
+    from certbot_batch.challenges.prevalidate import OrderGate
+
+    scopes = {
+        "lineage_context": lambda: _certbot.lineage_context("a.test"),
+        "order gate": lambda: OrderGate(["a.test"], threading.Event()).turn("a.test"),
+        "stop signals": lambda: session.stop_signals(RunContext(config=None)),
+        "activate": lambda: _certbot.activate(RunContext(config=None)),
+    }
+    errors = [_Immutable("the CA said no"),
+              messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="slow")]
+    for label, scope in scopes.items():
+        for err in errors:
+            with pytest.raises(type(err)) as info:
+                with scope():
+                    raise err
+            assert info.value is err, label

@@ -26,9 +26,9 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-from certbot_batch.context import RunContext
+from certbot_batch.context import RunContext, Scope
 
 logger = logging.getLogger(__name__)
 
@@ -330,50 +330,56 @@ def current() -> Optional[RunContext]:
     return _current[-1] if _current else None
 
 
-@contextlib.contextmanager
-def activate(ctx: RunContext) -> Iterator[RunContext]:
-    """Publish ``ctx`` and wrap the session entries of the table; undone on exit.
-    Raises Unavailable (nothing left patched) when that cannot be done."""
-    if not is_active():
-        raise Unavailable(disabled_reason() or "certbot-batch is not installed")
+def activate(ctx: RunContext) -> Scope:
+    """Publish ``ctx`` and wrap the session entries of the table (on entering); undone on
+    leaving. Entering raises Unavailable (nothing left patched) when that cannot be done."""
     done: dict[tuple[str, str], tuple[Any, str, Any]] = {}
-    with _lock:
-        try:
-            for entry in BOUNDARY:
-                if entry.use != "wrap":
-                    continue
-                owner, attr = resolve(entry)
-                raw = _raw(owner, attr)
-                done[(entry.module, entry.attr)] = (owner, attr, _saved(owner, attr))
-                _state["originals"][(entry.module, entry.attr)] = (owner, attr, raw)
-                setattr(owner, attr, _replacement(entry, raw))
-        except Exception as exc:
-            _undo(done)
-            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        _current.append(ctx)
-    try:
-        yield ctx
-    finally:
+
+    def enter() -> RunContext:
+        if not is_active():
+            raise Unavailable(disabled_reason() or "certbot-batch is not installed")
         with _lock:
-            _current.remove(ctx)
+            try:
+                for entry in BOUNDARY:
+                    if entry.use != "wrap":
+                        continue
+                    owner, attr = resolve(entry)
+                    raw = _raw(owner, attr)
+                    done[(entry.module, entry.attr)] = (owner, attr, _saved(owner, attr))
+                    _state["originals"][(entry.module, entry.attr)] = (owner, attr, raw)
+                    setattr(owner, attr, _replacement(entry, raw))
+            except Exception as exc:
+                _undo(done)
+                raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+            _current.append(ctx)
+        return ctx
+
+    def leave() -> None:
+        with _lock:
+            if ctx in _current:
+                _current.remove(ctx)
             for key in done:
                 _state["originals"].pop(key, None)
             _undo(done)
 
+    return Scope(enter, leave)
 
-@contextlib.contextmanager
-def lineage_context(name: Optional[str]) -> Iterator[None]:
+
+def lineage_context(name: Optional[str]) -> Scope:
     """Mark the calling thread as working on lineage ``name`` (inside a session)."""
     ctx = current()
-    if ctx is None:
-        yield
-        return
-    saved = getattr(ctx.local, "lineage", None)
-    ctx.local.lineage = name
-    try:
-        yield
-    finally:
-        ctx.local.lineage = saved
+    saved: list[Any] = []
+
+    def enter() -> None:
+        if ctx is not None:
+            saved.append(getattr(ctx.local, "lineage", None))
+            ctx.local.lineage = name
+
+    def leave() -> None:
+        if ctx is not None and saved:
+            ctx.local.lineage = saved.pop()
+
+    return Scope(enter, leave)
 
 
 def current_lineage() -> Optional[str]:

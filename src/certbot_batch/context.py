@@ -13,6 +13,23 @@ import threading
 from typing import Any, Callable, Optional
 
 
+class Scope:
+    """A context manager made of two callables. Unlike ``@contextlib.contextmanager`` it
+    never touches the exception passing through it: acme 2.x's ``messages.Error`` is an
+    immutable josepy object, and contextlib's ``exc.__traceback__ = ...`` turns it into
+    "AttributeError: can't set attribute" on Python 3.11, losing the CA's answer."""
+
+    def __init__(self, enter: Callable[[], Any], leave: Callable[[], None]) -> None:
+        self._enter = enter
+        self._leave = leave
+
+    def __enter__(self) -> Any:
+        return self._enter()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._leave()
+
+
 @dataclasses.dataclass
 class RunContext:
     config: Any

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from certbot import errors
 
@@ -33,7 +33,7 @@ from certbot_batch import _certbot, options, paths
 from certbot_batch.ca import backoff, pacing
 from certbot_batch.challenges import prevalidate, replaces
 from certbot_batch.challenges.journal import Journal
-from certbot_batch.context import RunContext
+from certbot_batch.context import RunContext, Scope
 from certbot_batch.deploy import hooks as batch_hooks
 from certbot_batch.deploy import pending, reload
 from certbot_batch.scan.engine import Scanner, ScanReport, ScanSettings, fmt_time
@@ -120,14 +120,11 @@ def handle_renewal_request(config: Any, stock: Callable[..., Any]) -> Any:
     return RenewalSession(config, stock, conf_files).run()
 
 
-@contextlib.contextmanager
-def stop_signals(ctx: RunContext) -> Iterator[None]:
+def stop_signals(ctx: RunContext) -> Scope:
     """While the session runs, a stop signal means: start no new order, save what the CA
     already issued, clean up, deploy, then exit non-zero. A second one stops at once
     (the journal and the pending-deployment record let the next run finish the job)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -147,20 +144,24 @@ def stop_signals(ctx: RunContext) -> Iterator[None]:
                        "the CA already issued, then stopping (send it again to stop at once)",
                        name)
 
-    previous: dict[int, Any] = {}
-    for sig in STOP_SIGNALS:
-        current = signal.getsignal(sig)
-        # An ignored signal stays ignored (nohup, `certbot renew &` from a script), and a
-        # handler set outside Python cannot be restored.
-        if current is None or current == signal.SIG_IGN:
-            continue
-        previous[sig] = current
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
+    def enter() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            current = signal.getsignal(sig)
+            # An ignored signal stays ignored (nohup, `certbot renew &` from a script), and
+            # a handler set outside Python cannot be restored.
+            if current is None or current == signal.SIG_IGN:
+                continue
+            previous[sig] = current
+            signal.signal(sig, handler)
+
+    def leave() -> None:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        previous.clear()
+
+    return Scope(enter, leave)
 
 
 def _urgency(state: LineageState) -> float:
@@ -216,8 +217,7 @@ class RenewalSession:
             ctx.wrap_authenticator = grouped.wrap_authenticator
             deploy_run = reload.begin(ctx)
             with stop_signals(ctx):
-                activation: Optional[contextlib.AbstractContextManager[Any]] = \
-                    _certbot.activate(ctx)
+                activation: Optional[Scope] = _certbot.activate(ctx)
                 try:
                     activation.__enter__()  # type: ignore[union-attr]
                 except _certbot.Unavailable as exc:

@@ -6,8 +6,8 @@ finalize, downloads) goes through one :class:`AcmePacer`:
 * a token bucket per CA (``--batch-acme-rate``, default 100 requests/s with bursts of 100:
   Let's Encrypt allows 250/s on /acme/* and 300/s on new-order per IP in production, 20/s on
   staging, where ``--dry-run`` goes);
-* new orders go out in urgency order, at most two at a time (the wave's OrderGate), so
-  that after a rate-limit answer at most one more order was already on its way;
+* new orders go out one at a time in urgency order (the wave's OrderGate), so that a
+  rate-limit answer stops the next one;
 * a 503, or a 429 outside new-order/finalize, pauses that CA for every thread, honouring
   Retry-After (clamped to [1 s, 5 min]; exponential from 1 s without one), and the request
   is retried after the pause instead of failing its lineage (within a time budget);
@@ -188,8 +188,8 @@ class AcmePacer:
         url = _directory_url(client)
         account = _account_uri(client)
         key = (key_for_url(url), account)
-        # (The wave's OrderGate decides when this lineage may order: in urgency order, at
-        # most two at a time.)
+        # (The wave's OrderGate decides when this lineage may order: one at a time, in
+        # urgency order.)
         with self._lock:
             limit = self.account_limits.get(key)
         if limit is not None:
