@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from tests.bed import farm
+from tests.bed import certbots, farm
 from tests.bed.apache import Apache
 from tests.bed.certbots import Certbot
 from tests.bed.farm import FarmCA
@@ -304,6 +304,7 @@ def test_dry_run_one_provisioning_nothing_saved(bed: Bed) -> None:
 # -- 6. crash safety -------------------------------------------------------------------------------
 
 def _ignore_sigint() -> None:
+    certbots.default_stop_signals()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -313,7 +314,8 @@ def _start_renew(bed: Bed, ignore_sigint: bool = False) -> subprocess.Popen[str]
     # SIGINT ignored (inherited through exec): how a script's `certbot renew &` starts.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=bed.bot.env(), cwd=bed.bot.base_dir,
-                            preexec_fn=_ignore_sigint if ignore_sigint else None)
+                            preexec_fn=(_ignore_sigint if ignore_sigint
+                                        else certbots.default_stop_signals))
 
 
 def _wait_for_challenge_files(bed: Bed, proc: subprocess.Popen[str], deadline: float = 90.0

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 from cryptography import x509
 
-from tests.bed import certs
+from tests.bed import certbots, certs
 from tests.bed.apache import Apache
 from tests.bed.certbots import Certbot
 from tests.bed.farm import FarmCA, make_farm
@@ -104,7 +104,8 @@ class Bed:
     def start(self, *args: str) -> subprocess.Popen[str]:
         cmd = self.bot.command("renew", *args)
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=self.bot.env(), cwd=self.bot.base_dir)
+                                text=True, env=self.bot.env(), cwd=self.bot.base_dir,
+                                preexec_fn=certbots.default_stop_signals)
 
     def assert_served(self, names: list[str]) -> None:
         for name in names:

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from certbot_batch.challenges.prevalidate import STOP_GRACE
 from tests.bed import bind as bed_bind
-from tests.bed import farm, ports
+from tests.bed import certbots, farm, ports
 from tests.bed.apache import Apache
 from tests.bed.bind import Bind
 from tests.bed.certbots import Certbot
@@ -475,7 +475,8 @@ def _start_renew(bed: DnsBed) -> subprocess.Popen[str]:
     bed.mark()
     cmd = bed.bot.command("renew", "--force-renewal", "--batch-engine")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=bed.bot.env(), cwd=bed.bot.base_dir)
+                            env=bed.bot.env(), cwd=bed.bot.base_dir,
+                            preexec_fn=certbots.default_stop_signals)
 
 
 def _wait_for_records(bed: DnsBed, proc: subprocess.Popen[str], count: int,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,19 @@ def clean_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
                 "CERTBOT_BATCH_FLAVOURS", "CERTBOT_BATCH_FULL"):
         env.pop(key, None)
     return env
+
+
+#: The signals the tests stop a run with.
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+
+
+def default_stop_signals() -> None:
+    """``preexec_fn`` of a certbot the tests will signal: the stop signals at their default,
+    whatever the test runner inherited (``nohup`` ignores SIGHUP, a shell's background job
+    SIGINT and SIGQUIT; an ignored signal stays ignored through exec, and certbot-batch
+    rightly leaves it so)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 class Certbot:
