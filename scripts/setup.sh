@@ -5,7 +5,8 @@
 #   .venv-pypi  latest certbot 5.x from PyPI (+ Apache, dns-rfc2136), certbot-batch editable
 #   .venv-deb   Debian's python3 with --system-site-packages (apt certbot 2.1.0),
 #               certbot-batch installed with --no-deps, the way a distro user would
-#   .venv-c290  certbot 2.9.0 (Ubuntu 24.04), .venv-c400 4.0.0 (Debian 13),
+#   .venv-c290  certbot 2.9.0 (Ubuntu 24.04), .venv-c330 3.3.0 (last 3.x),
+#   .venv-c400  4.0.0 (Debian 13),
 #   .venv-c540  5.4.0 (last release with a separate certbot-apache): PyPI, pinned
 #   .venv-c121  certbot 1.21.0 (Ubuntu 22.04, unsupported): certbot-batch --no-deps
 # Idempotent: re-running only fills in what is missing. SETUP_MATRIX=0 skips the extra
@@ -54,6 +55,7 @@ fi
 # venv name, then the pip requirements that make that certbot release work (FACTS.md).
 MATRIX=(
   "c290|certbot==2.9.0 certbot-apache==2.9.0 acme==2.9.0 certbot-dns-rfc2136==2.9.0 josepy<2 pyOpenSSL<24.3"
+  "c330|certbot==3.3.0 certbot-apache==3.3.0 acme==3.3.0 certbot-dns-rfc2136==3.3.0 pyOpenSSL==25.0.0"
   "c400|certbot==4.0.0 certbot-apache==4.0.0 acme==4.0.0 certbot-dns-rfc2136==4.0.0"
   "c540|certbot==5.4.0 certbot-apache==5.4.0 acme==5.4.0 certbot-dns-rfc2136==5.4.0"
   "c121|certbot==1.21.0 acme==1.21.0 certbot-apache==1.21.0 josepy<2 pyOpenSSL<24.3 setuptools>=75,<81"

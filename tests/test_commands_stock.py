@@ -177,6 +177,10 @@ def test_every_command_is_stock(certbot_flavour: str, tmp_path: Path, apache: Ap
                            for p in sorted((second.root / sub).iterdir())}
             assert ours_sites == stock_sites, sub
         assert "ap.test-le-ssl.conf" in ours_sites
+        # a2enmod (run by the installer for --redirect/--hsts) kept to the private Apaches
+        for server in (apache, second):
+            assert sorted(p.name for p in server.state_dir.rglob("*") if p.is_file()) \
+                == ["headers", "rewrite"]
     # never engaged: nothing of ours was left behind
     assert not (ours_bot.work_dir / "certbot-batch").exists()
     assert "certbot-batch renewal session" not in ours_bot.log_text()

@@ -175,6 +175,7 @@ class Apache:
         self.run_dir = self.dir / "run"
         self.lock_dir = self.dir / "lock"
         self.log_dir = self.dir / "log"
+        self.state_dir = self.dir / "state"
         self.pid_file = self.run_dir / "apache2.pid"
         self.ctl = self.dir / "bin" / "apachectl"
         self.ctl_log = self.dir / "ctl.log"
@@ -202,8 +203,11 @@ class Apache:
                 "--apache-ctl", str(ctl or self.ctl)]
 
     def env(self) -> dict[str, str]:
-        """Environment for processes that may run Apache tools (a2enmod, apache2ctl)."""
-        return {"APACHE_CONFDIR": str(self.root)}
+        """Environment for processes that may run Apache tools (a2enmod, apache2ctl): this
+        Apache's config, and a2enmod's markers in this Apache's dir, not the host's
+        /var/lib/apache2 (where concurrent tests would also race on them)."""
+        return {"APACHE_CONFDIR": str(self.root),
+                "APACHE_STATE_DIRECTORY": str(self.state_dir)}
 
     def _setup(self) -> None:
         shutil.copytree(SYSTEM_CONFDIR, self.root, symlinks=True)

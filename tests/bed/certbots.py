@@ -4,8 +4,8 @@ A *flavour* is a name and a Python interpreter that has certbot and certbot-batc
 
 * ``$CERTBOT_BATCH_FLAVOURS`` (``"name=/path/to/python name2=/other/python"``) lists them;
 * unset, the venvs made by ``scripts/setup.sh`` that exist: ``pypi`` (latest 5.x), ``deb``
-  (Debian's apt certbot 2.1.0 through a ``--system-site-packages`` venv), ``c290``, ``c400``,
-  ``c540`` (certbot 2.9.0, 4.0.0, 5.4.0 from PyPI); ``$CERTBOT_BATCH_VENV_PYPI`` /
+  (Debian's apt certbot 2.1.0 through a ``--system-site-packages`` venv), ``c290``, ``c330``,
+  ``c400``, ``c540`` (certbot 2.9.0, 3.3.0, 4.0.0, 5.4.0 from PyPI); ``$CERTBOT_BATCH_VENV_PYPI`` /
   ``$CERTBOT_BATCH_VENV_DEB`` move the first two;
 * none of those: ``system``, the interpreter running the tests (a distribution's build or
   autopkgtest runs the suite against the installed package this way).
@@ -36,6 +36,7 @@ _DEFAULT_VENVS = {
     "pypi": ("CERTBOT_BATCH_VENV_PYPI", REPO / ".venv-pypi"),
     "deb": ("CERTBOT_BATCH_VENV_DEB", REPO / ".venv-deb"),
     "c290": ("", REPO / ".venv-c290"),
+    "c330": ("", REPO / ".venv-c330"),
     "c400": ("", REPO / ".venv-c400"),
     "c540": ("", REPO / ".venv-c540"),
 }
