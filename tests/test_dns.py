@@ -575,3 +575,44 @@ def test_sigterm_during_wait_cleans_up(bed: DnsBed) -> None:
     assert bed.journal_files() == []
     for name in names:
         assert bed.versions(name) == 1, name  # nothing was finalized after the signal
+
+
+def test_dns_server_down_mid_run_records_removed_by_the_next_command(bed: DnsBed) -> None:
+    """The DNS server goes away while the records are up (in the propagation wait): the CA
+    cannot validate, the lineages fail with its detail, the records cannot be removed and
+    the run says so; once the server is back, the next certbot command of any kind
+    (`certbot certificates` here) removes them through the lineages' own plugin."""
+    k = 3
+    names = bed.add(k, "down", propagation=PROPAGATION)
+    proc = _start_renew(bed)
+    try:
+        records = _wait_for_records(bed, proc, 2 * k)
+        bed.bind.stop()
+        stdout, stderr = _reap(proc, 240)
+    finally:
+        _reap(proc, 1)
+    text = stdout + stderr
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text
+    flat = one_line(text)
+    for name in names:
+        assert bed.versions(name) == 1, name
+        assert f"{name}/fullchain.pem (failure)" in flat, text
+    assert "succeeded" not in flat.replace("0 succeeded", ""), text
+    log = bed.bot.log_text()
+    assert "could not remove the TXT record" in log, log[-5000:]
+    # a server that does not answer costs each removal the plugin's timeout: after two
+    # failures in a row the rest are left for the next run at once
+    assert "2 removals failed in a row" in log, log[-5000:]
+    [journal] = bed.journal_files()
+    for _, value in records:
+        assert value in journal.read_text()
+    # The server comes back with the records (its journal of dynamic updates).
+    bed.bind.start()
+    assert sorted(bed.bind.txt_records()) == sorted(records)
+    follow = bed.bot.run("certificates")
+    assert follow.returncode == 0, out(follow)
+    assert bed.bind.txt_records() == []
+    assert bed.journal_files() == []
+    assert f"removed {2 * k} TXT record(s) left behind by an interrupted run" in \
+        bed.bot.log_text()
