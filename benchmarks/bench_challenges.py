@@ -107,28 +107,29 @@ def check_renewed(base: Path, names: list[str]) -> list[str]:
     return problems
 
 
-def run_mode(mode: str, flavour: str, base: Path, names: list[str], plog: PebbleLog,
-             env: dict[str, str], python_wrapper: Optional[list[str]] = None
-             ) -> dict[str, Any]:
+def timed_run(mode: str, args: tuple[str, ...], flavour: str, base: Path, plog: PebbleLog,
+              env: dict[str, str], python_wrapper: Optional[list[str]] = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """One timed certbot run of a benchmark mode: its result and what every benchmark
+    records of it (command, exit code, time, memory, orders and answers seen at pebble)."""
     plog.mark()
-    res = common.run_certbot(flavour, base, *MODES[mode], label=mode, env_extra=env,
+    res = common.run_certbot(flavour, base, *args, label=mode, env_extra=env,
                              python_wrapper=python_wrapper)
     seen = plog.since()
-    out: dict[str, Any] = {
-        "mode": mode, "command": "certbot " + " ".join(MODES[mode]), "rc": res.returncode,
+    return res, {
+        "mode": mode, "command": "certbot " + " ".join(args), "rc": res.returncode,
         "wall_s": round(res.wall, 2), "cpu_s": round(res.cpu, 2),
         "max_rss_mb": round(res.max_rss_mb, 1),
         "orders": len(re.findall(r'Added order "[^"]+" to the db', seen)),
         "challenge_answers": seen.count("POST /chalZ/"),
-        "provisioning_actions": None, "cleanups": None, "challenge_files": None,
     }
+
+
+def renewal_problems(out: dict[str, Any], res: Any, base: Path, names: list[str]
+                     ) -> list[str]:
+    """The checks every benchmark run gets: scan time, every lineage renewed by pebble,
+    exit code 0, one order per lineage (fills in scan_s and renewed)."""
     text = res.output
-    m = SUMMARY.search(text)
-    if m:
-        out.update(batch_ok=int(m.group(1)), batch_failed=int(m.group(2)),
-                   prevalidation_s=float(m.group(3)),
-                   provisioning_actions=int(m.group(4)), cleanups=int(m.group(5)),
-                   challenge_files=int(m.group(6)))
     s = SCAN.search(text)
     if s:
         out["scan_s"] = float(s.group(1))
@@ -138,6 +139,22 @@ def run_mode(mode: str, flavour: str, base: Path, names: list[str], plog: Pebble
         problems.insert(0, f"exit code {res.returncode}: {text[-3000:]}")
     if out["orders"] != len(names):
         problems.append(f"{out['orders']} orders at pebble, expected {len(names)}")
+    return problems
+
+
+def run_mode(mode: str, flavour: str, base: Path, names: list[str], plog: PebbleLog,
+             env: dict[str, str], python_wrapper: Optional[list[str]] = None
+             ) -> dict[str, Any]:
+    res, out = timed_run(mode, MODES[mode], flavour, base, plog, env, python_wrapper)
+    out.update(provisioning_actions=None, cleanups=None, challenge_files=None)
+    text = res.output
+    m = SUMMARY.search(text)
+    if m:
+        out.update(batch_ok=int(m.group(1)), batch_failed=int(m.group(2)),
+                   prevalidation_s=float(m.group(3)),
+                   provisioning_actions=int(m.group(4)), cleanups=int(m.group(5)),
+                   challenge_files=int(m.group(6)))
+    problems = renewal_problems(out, res, base, names)
     if mode == "ours" and (out["provisioning_actions"], out["cleanups"]) != (1, 1):
         problems.append(f"provisioning/cleanup {out['provisioning_actions']}/"
                         f"{out['cleanups']}, expected 1/1")

@@ -44,7 +44,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_challenges import PebbleLog, check_renewed, copy_config  # noqa: E402
+from benchmarks.bench_challenges import (  # noqa: E402
+    PebbleLog,
+    copy_config,
+    renewal_problems,
+    timed_run,
+)
 from tests.bed import farm, ports  # noqa: E402
 from tests.bed.bind import Bind  # noqa: E402
 from tests.bed.certbots import Certbot  # noqa: E402
@@ -52,7 +57,6 @@ from tests.bed.pebble import Pebble  # noqa: E402
 
 SUMMARY = re.compile(
     r"certbot-batch: (\d+) lineage\(s\) validated and issued, (\d+) failed, in ([\d.]+) s")
-SCAN = re.compile(r"certbot-batch: checked \d+ lineage\(s\) in ([\d.]+) s")
 WAIT = re.compile(r"Waiting (\d+) seconds? for DNS changes to propagate")
 PERFORM = re.compile(r"certbot-batch: ([\w-]+): one perform\(\) for (\d+) challenge\(s\) of "
                      r"(\d+) lineage\(s\)")
@@ -65,34 +69,17 @@ MODES = {
 
 def run_mode(mode: str, flavour: str, base: Path, names: list[str], plog: PebbleLog,
              bind: Bind, env: dict[str, str]) -> dict[str, Any]:
-    plog.mark()
-    res = common.run_certbot(flavour, base, *MODES[mode], label=mode, env_extra=env)
-    seen = plog.since()
+    res, out = timed_run(mode, MODES[mode], flavour, base, plog, env)
     text = res.output
     waits = [int(n) for n in WAIT.findall(text)]
     performs = [(p, int(c), int(k)) for p, c, k in PERFORM.findall(text)]
-    out: dict[str, Any] = {
-        "mode": mode, "command": "certbot " + " ".join(MODES[mode]), "rc": res.returncode,
-        "wall_s": round(res.wall, 2), "cpu_s": round(res.cpu, 2),
-        "max_rss_mb": round(res.max_rss_mb, 1),
-        "orders": len(re.findall(r'Added order "[^"]+" to the db', seen)),
-        "challenge_answers": seen.count("POST /chalZ/"),
-        "propagation_waits": len(waits), "waited_s": sum(waits),
-        "grouped_performs": len(performs), "performs": performs,
-    }
+    out.update(propagation_waits=len(waits), waited_s=sum(waits),
+               grouped_performs=len(performs), performs=performs)
     m = SUMMARY.search(text)
     if m:
         out.update(batch_ok=int(m.group(1)), batch_failed=int(m.group(2)),
                    prevalidation_s=float(m.group(3)))
-    s = SCAN.search(text)
-    if s:
-        out["scan_s"] = float(s.group(1))
-    problems = check_renewed(base, names)
-    out["renewed"] = len(names) - len(problems)
-    if res.returncode != 0:
-        problems.insert(0, f"exit code {res.returncode}: {text[-3000:]}")
-    if out["orders"] != len(names):
-        problems.append(f"{out['orders']} orders at pebble, expected {len(names)}")
+    problems = renewal_problems(out, res, base, names)
     leftovers = bind.txt_records()
     out["txt_left"] = len(leftovers)
     if leftovers:
