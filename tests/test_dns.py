@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import pytest
 from cryptography import x509
@@ -506,15 +506,26 @@ def _reap(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
             proc.wait()
 
 
+def _during_wait(bed: DnsBed, count: int, act: Callable[[subprocess.Popen[str]], None],
+                 timeout: float = 120.0) -> tuple[subprocess.Popen[str], list[tuple[str, str]],
+                                                  str]:
+    """Start a batched renew, wait until ``count`` records are up (the plugin is in its
+    propagation wait), ``act`` on the run (signal it, stop the DNS server...), reap it:
+    (the ended process, the records that were up, its output)."""
+    proc = _start_renew(bed)
+    try:
+        records = _wait_for_records(bed, proc, count)
+        act(proc)
+        stdout, stderr = _reap(proc, timeout)
+    finally:
+        _reap(proc, 1)
+    return proc, records, stdout + stderr
+
+
 def test_sigkill_during_wait_then_plain_renew(bed: DnsBed) -> None:
     k = 4
     names = bed.add(k, "kill", propagation=120)
-    proc = _start_renew(bed)
-    try:
-        records = _wait_for_records(bed, proc, 2 * k)
-        proc.kill()
-    finally:
-        _reap(proc, 30)
+    proc, records, _ = _during_wait(bed, 2 * k, lambda p: p.kill(), timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert len(records) == 2 * k and bed.bind.txt_records() == records
     [journal] = bed.journal_files()
@@ -540,14 +551,8 @@ def test_sigterm_wait_longer_than_the_grace(bed: DnsBed) -> None:
     up (the plugin still sleeps in one of them) and the run ends; the records go at exit."""
     k = 2
     names = bed.add(k, "grace", propagation=int(STOP_GRACE) + 10)
-    proc = _start_renew(bed)
-    try:
-        _wait_for_records(bed, proc, 2 * k)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = _reap(proc, 120)
-    finally:
-        _reap(proc, 1)
-    assert proc.returncode != 0, stdout + stderr
+    proc, _, text = _during_wait(bed, 2 * k, lambda p: p.send_signal(signal.SIGTERM))
+    assert proc.returncode != 0, text
     log = bed.bot.log_text()
     assert "still talking to the CA are given up" in log, log[-5000:]
     assert f"removed the {2 * k} challenge(s) of {k} lineage(s) whose renewal was given up" \
@@ -561,15 +566,9 @@ def test_sigterm_wait_longer_than_the_grace(bed: DnsBed) -> None:
 def test_sigterm_during_wait_cleans_up(bed: DnsBed) -> None:
     k = 4
     names = bed.add(k, "term", propagation=3 * PROPAGATION)
-    proc = _start_renew(bed)
-    try:
-        _wait_for_records(bed, proc, 2 * k)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = _reap(proc, 120)
-    finally:
-        _reap(proc, 1)
-    assert proc.returncode != 0, stdout + stderr
-    assert "stopped by SIGTERM" in stdout + stderr
+    proc, _, text = _during_wait(bed, 2 * k, lambda p: p.send_signal(signal.SIGTERM))
+    assert proc.returncode != 0, text
+    assert "stopped by SIGTERM" in text
     assert "SIGTERM received: no new orders" in bed.bot.log_text()
     assert bed.bind.txt_records() == []
     assert bed.journal_files() == []
@@ -584,14 +583,7 @@ def test_dns_server_down_mid_run_records_removed_by_the_next_command(bed: DnsBed
     (`certbot certificates` here) removes them through the lineages' own plugin."""
     k = 3
     names = bed.add(k, "down", propagation=PROPAGATION)
-    proc = _start_renew(bed)
-    try:
-        records = _wait_for_records(bed, proc, 2 * k)
-        bed.bind.stop()
-        stdout, stderr = _reap(proc, 240)
-    finally:
-        _reap(proc, 1)
-    text = stdout + stderr
+    proc, records, text = _during_wait(bed, 2 * k, lambda _: bed.bind.stop(), timeout=240)
     assert proc.returncode != 0, text
     assert "Traceback" not in text
     flat = one_line(text)
