@@ -32,7 +32,7 @@ def _free_for(port: int, kind: int) -> bool:
 
 
 _RANGE = (20000, 32768)
-_next: dict[str, int] = {}
+_next_port = 0  # the next candidate in this worker's block (0: its start)
 
 
 def _worker_block() -> tuple[int, int] | None:
@@ -49,8 +49,9 @@ def _worker_block() -> tuple[int, int] | None:
 def _from_block(block: tuple[int, int], udp_too: bool) -> int:
     """The next port of the block that is free now; after the end of the block, from its
     start again (servers of earlier tests are gone by then; a port still taken is skipped)."""
+    global _next_port
     low, high = block
-    port = _next.get("port", low)
+    port = _next_port or low
     for _ in range(high - low):
         if port >= high:
             port = low
@@ -60,7 +61,7 @@ def _from_block(block: tuple[int, int], udp_too: bool) -> int:
             continue
         if udp_too and not _free_for(candidate, socket.SOCK_DGRAM):
             continue
-        _next["port"] = port
+        _next_port = port
         _handed_out.add(candidate)
         return candidate
     raise RuntimeError(f"no free loopback port in {low}-{high - 1}")
