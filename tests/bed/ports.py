@@ -31,7 +31,17 @@ def _free_for(port: int, kind: int) -> bool:
     return True
 
 
-_RANGE = (20000, 32768)
+def _range() -> tuple[int, int]:
+    """20000-32767, or ``$CERTBOT_BATCH_PORT_RANGE`` ("LOW-HIGH", inclusive): two test runs
+    on one machine (two checkouts) each take their own range."""
+    spec = os.environ.get("CERTBOT_BATCH_PORT_RANGE", "")
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec)
+    if match and int(match.group(1)) < int(match.group(2)):
+        return int(match.group(1)), int(match.group(2)) + 1
+    return 20000, 32768
+
+
+_RANGE = _range()
 _next_port = 0  # the next candidate in this worker's block (0: its start)
 
 
@@ -39,7 +49,7 @@ def _worker_block() -> tuple[int, int] | None:
     """This xdist worker's block of ports, or None outside xdist."""
     worker = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
     if worker is None:
-        return None
+        return _RANGE if os.environ.get("CERTBOT_BATCH_PORT_RANGE") else None
     count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), 1)
     index = int(worker.group(1)) % count
     size = (_RANGE[1] - _RANGE[0]) // count
