@@ -132,7 +132,9 @@ class Bed:
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], self.certbot.log_text()[-3000:])
         counts = self.apache.counts()
-        parses = sum("DUMP_RUN_CFG" in c for c in self.apache.ctl_calls())
+        # certbot's configurator asks for modules when it parses (DUMP_RUN_CFG alone is
+        # certbot-batch asking for the pid file that confirms its reload).
+        parses = sum("DUMP_MODULES" in c for c in self.apache.ctl_calls())
         served = 0
         for name in due:
             now = serial(self.certbot, name)

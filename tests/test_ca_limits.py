@@ -64,7 +64,8 @@ class Site:
         return self.bot.work_dir / "certbot-batch" / "state.sqlite"
 
     def move_time_past_backoff(self) -> None:
-        """Tests may move the stored time: the backoff of every lineage has passed."""
+        """Tests may move the stored time: the backoff of every lineage has passed (in the
+        state database and in both copies of the backoff ledger, which outlives it)."""
         conn = sqlite3.connect(str(self.db()))
         try:
             with conn:
@@ -72,6 +73,17 @@ class Site:
                              "WHERE renew_next_attempt IS NOT NULL")
         finally:
             conn.close()
+        for base in (self.bot.work_dir, self.bot.config_dir):
+            ledger = base / "certbot-batch" / "backoff.log"
+            if not ledger.exists():
+                continue
+            lines = []
+            for line in ledger.read_text().splitlines():
+                item = json.loads(line)
+                if item.get("renew_next_attempt"):
+                    item["renew_next_attempt"] = 1
+                lines.append(json.dumps(item) + "\n")
+            ledger.write_text("".join(lines))
 
     def status(self) -> tuple[int, dict[str, object]]:
         proc = subprocess.run([str(self.bot.script / "certbot-batch"), "status", "--json",

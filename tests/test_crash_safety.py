@@ -108,6 +108,27 @@ class Bed:
     def pending(self) -> Path:
         return self.bot.work_dir / "certbot-batch" / "deploy-pending.json"
 
+    def pending_lineages(self) -> list[str]:
+        """Lineages of the pending-deployment record (both copies, newest wins)."""
+        best: dict[str, object] = {}
+        for path in (self.pending(),
+                     self.bot.config_dir / "certbot-batch" / "deploy-pending.json"):
+            if path.exists():
+                data = json.loads(path.read_text())
+                if int(data.get("seq", 0)) > int(best.get("seq", 0)):  # type: ignore[call-overload]
+                    best = data
+        names: set[str] = set()
+        for group in ("servers", "hooks"):
+            for entry in dict(best.get(group) or {}).values():  # type: ignore[call-overload]
+                names.update(entry.get("lineages") or [])
+        return sorted(names)
+
+    def status(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.bot.script / "certbot-batch"), "status",
+                               "--config-dir", str(self.bot.config_dir),
+                               "--work-dir", str(self.bot.work_dir)],
+                              capture_output=True, text=True, check=False)
+
     def start(self, *args: str) -> subprocess.Popen[str]:
         cmd = self.bot.command("renew", *args)
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -344,7 +365,10 @@ def test_state_db_faults_never_change_the_result(bed: Bed, fault: str) -> None:
 
 # -- true output ------------------------------------------------------------------------------
 
-def test_failed_configtest_summary_after_reload_and_next_run_deploys(bed: Bed) -> None:
+def test_failed_configtest_is_never_forgotten_until_a_renew_deploys(bed: Bed) -> None:
+    """Issue 16, item 2: a deployment that failed stays pending (per server) until a renew
+    deployed it; every renew meanwhile retries and exits non-zero with a clear line; other
+    commands only mention it; status exits non-zero."""
     names = bed.lineages(2, "cfg")
     broken = bed.apache.root / "conf-enabled" / "zz-broken.conf"
     broken.write_text("Include /nonexistent/certbot-batch-broken.conf\n")
@@ -352,23 +376,36 @@ def test_failed_configtest_summary_after_reload_and_next_run_deploys(bed: Bed) -
     text = out(proc)
     assert proc.returncode != 0, text
     assert "Congratulations" not in text
-    assert flat(text).count("Apache was NOT reloaded") == 1, text
+    assert flat(text).count("was NOT reloaded") == 1, text
+    assert "its configtest fails" in flat(text), text
     # The summary comes after the reload attempt and says what is not deployed.
-    assert text.index("Apache was NOT reloaded") < text.index("(renewed, not deployed)"), text
+    assert text.index("was NOT reloaded") < text.index("(renewed, not deployed)"), text
     for name in names:
         assert f"/live/{name}/fullchain.pem (renewed, not deployed)" in text, text
-    pending = json.loads(bed.pending().read_text())
-    assert sorted(pending["lineages"]) == sorted(names)
-    status = subprocess.run([str(bed.bot.script / "certbot-batch"), "status",
-                             "--config-dir", str(bed.bot.config_dir),
-                             "--work-dir", str(bed.bot.work_dir)],
-                            capture_output=True, text=True, check=False)
-    assert status.returncode != 0, status.stdout
-    # The admin fixes the configuration; the next certbot run of any kind deploys.
+    assert sorted(bed.pending_lineages()) == sorted(names)
+    assert bed.status().returncode != 0
+    # The next timer run, configuration still broken: retried, still pending, exit non-zero.
+    calls = len(bed.apache.ctl_calls())
+    again = bed.bot.run("renew")
+    assert again.returncode != 0, out(again)
+    assert "are still not deployed" in flat(out(again)), out(again)
+    assert "configtest" in bed.apache.ctl_calls()[calls:]
+    assert sorted(bed.pending_lineages()) == sorted(names)
+    # Another command only says so (no configtest, no reload, exit code as stock).
+    calls = len(bed.apache.ctl_calls())
+    other = bed.bot.run("certificates")
+    assert other.returncode == 0, out(other)
+    assert "still not deployed" in flat(out(other)), out(other)
+    assert "next `certbot renew` tries again" in flat(out(other)), out(other)
+    assert bed.apache.ctl_calls()[calls:] == []
+    assert bed.status().returncode != 0
+    # The admin fixes the configuration; the next renew deploys, confirmed, and says so.
     broken.unlink()
-    follow = bed.bot.run("certificates")
+    follow = bed.bot.run("renew")
     assert follow.returncode == 0, out(follow)
-    assert not bed.pending().exists()
+    assert "renewed earlier" in flat(out(follow)), out(follow)
+    assert bed.pending_lineages() == []
+    assert bed.status().returncode == 0, bed.status().stdout
     bed.assert_served(names)
 
 

@@ -13,9 +13,11 @@ import time
 from typing import Any, Optional, Sequence
 
 from certbot_batch import __version__, paths
+from certbot_batch.ca import ledger
 from certbot_batch.deploy import pending
 from certbot_batch.scan.engine import fmt_time
 from certbot_batch.scan.state import LineageState, StateDB
+from certbot_batch.servers import server_for
 
 EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
 
@@ -228,6 +230,32 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _pending_json(what: str, entry: dict[str, Any],
+                  server: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    out = {"what": what, "lineages": list(entry.get("lineages") or []),
+           "state": "running" if pending.running(entry) else
+           ("interrupted" if pending.interrupted(entry) else "failed"),
+           "since": fmt_time(entry.get("since")) if entry.get("since") else None,
+           "error": entry.get("error"), "attempts": int(entry.get("attempts") or 0)}
+    if server is not None:
+        out["server"] = server
+    return out
+
+
+def _pending_line(where: str, entry: dict[str, Any]) -> str:
+    names = [str(n) for n in entry.get("lineages") or []]
+    since = fmt_time(entry.get("since")) if entry.get("since") else "?"
+    if pending.running(entry):
+        return (f"Deployment in progress {where} (certbot pid {entry.get('pid')}): "
+                f"{len(names)} lineage(s)")
+    state = "interrupted run" if pending.interrupted(entry) else \
+        f"failed {int(entry.get('attempts') or 0)} time(s)"
+    shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+    return (f"DEPLOYMENT PENDING {where} since {since}: {len(names)} renewed lineage(s) not "
+            f"deployed yet ({shown}); {state}; last error: {entry.get('error') or '-'}. "
+            "The next `certbot renew` retries.")
+
+
 def status(args: argparse.Namespace) -> int:
     try:
         dirs = resolve_dirs(args.config_dir, args.work_dir, args.config)
@@ -251,33 +279,42 @@ def status(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(f"certbot-batch: no state database yet at {db_path}; run `certbot renew` with "
               "a batch plugin (or --batch-engine) once.", file=sys.stderr)
+    # The backoff as the next run sees it (the ledger survives a lost database).
+    ledger.Ledger(dirs).apply(states.values())
     now = time.time()
     rows = [_row(n, states.get(n), now) for n in names]
-    record = pending.load(pending.path_for(dirs))
-    pending_names = [str(n) for n in (record or {}).get("lineages") or []]
+    record = pending.PendingDeployments(dirs)
+    servers = record.servers() if record.exists() else []
+    hooks = record.hooks() if record.exists() else []
+    pending_names = record.lineages() if (servers or hooks) else []
+    # In progress in a live certbot right now is no alarm; anything else is.
+    stuck = [e for _, e in servers + hooks if not pending.running(e)]
     if args.json:
         doc: dict[str, Any] = {"generated": fmt_time(now), "lineages": rows,
                                "pending_deployment": None}
-        if record is not None:
+        if servers or hooks:
             doc["pending_deployment"] = {
                 "lineages": pending_names,
-                "since": fmt_time(record.get("since")) if record.get("since") else None,
-                "error": record.get("error")}
+                "since": fmt_time(min(float(e.get("since") or now) for _, e in
+                                      servers + hooks)),
+                "error": next((e.get("error") for _, e in servers + hooks
+                               if e.get("error")), None),
+                "servers": [_pending_json(server_for(ref).label(), e, ref.to_dict())
+                            for ref, e in servers],
+                "hooks": [_pending_json(cmd, e) for cmd, e in hooks]}
         print(json.dumps(doc, indent=2))
     elif not args.quiet:
         print(_table(rows))
         attention = [r for r in rows if r["attention"]]
         due = sum(1 for r in rows if r["due"])
         print(f"\n{len(rows)} lineage(s), {due} due, {len(attention)} needing attention")
-        if record is not None:
-            since = fmt_time(record.get("since")) if record.get("since") else "?"
-            print(f"DEPLOYMENT PENDING since {since}: {len(pending_names)} renewed lineage(s) "
-                  f"not deployed yet ({', '.join(pending_names[:10])}"
-                  f"{' ...' if len(pending_names) > 10 else ''}); last error: "
-                  f"{record.get('error') or '-'}. The next certbot run retries.")
+        for ref, entry in servers:
+            print(_pending_line(f"on {server_for(ref).label()}", entry))
+        for cmd, entry in hooks:
+            print(_pending_line(f"(batch deploy hook '{cmd}')", entry))
     if args.prometheus:
         _write_atomic(args.prometheus, _prometheus(rows, states, now, len(pending_names)))
-    if record is not None:
+    if stuck:
         return EXIT_ATTENTION
     return EXIT_ATTENTION if any(r["attention"] for r in rows) else EXIT_OK
 

@@ -11,8 +11,24 @@ def state_dir(config: Any) -> str:
     return os.path.join(str(config.work_dir), SUBDIR)
 
 
+def mirror_dir(config: Any) -> str:
+    """The second home of the records that must survive a lost state directory
+    (durable.py): inside certbot's config directory, next to the lineages."""
+    return os.path.join(str(config.config_dir), SUBDIR)
+
+
+def record_paths(config: Any, name: str) -> list[str]:
+    """Where a mirrored record lives: the state directory first, then the mirror."""
+    return [os.path.join(state_dir(config), name), os.path.join(mirror_dir(config), name)]
+
+
 def journal_path(config: Any) -> str:
     return os.path.join(state_dir(config), "challenges.journal")
+
+
+def journal_paths(config: Any) -> list[str]:
+    """The challenge journal, and where it goes when the state directory is not writable."""
+    return record_paths(config, "challenges.journal")
 
 
 def state_db_path(config: Any) -> str:

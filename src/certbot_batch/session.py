@@ -29,15 +29,15 @@ from typing import Any, Callable, Optional
 
 from certbot import errors
 
-from certbot_batch import _certbot, options, paths
-from certbot_batch.ca import backoff, pacing
+from certbot_batch import _certbot, options, paths, recovery, servers
+from certbot_batch.ca import backoff, ledger, pacing
 from certbot_batch.challenges import prevalidate, replaces
-from certbot_batch.challenges.journal import Journal
 from certbot_batch.context import RunContext, Scope
+from certbot_batch.deploy import finish, pending, reload
 from certbot_batch.deploy import hooks as batch_hooks
-from certbot_batch.deploy import pending, reload
 from certbot_batch.scan.engine import Scanner, ScanReport, ScanSettings, fmt_time
 from certbot_batch.scan.state import LineageState, StateDB
+from certbot_batch.servers.base import ServerRef
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,26 @@ def handle_renewal_request(config: Any, stock: Callable[..., Any]) -> Any:
         logger.debug("certbot-batch: not engaging", exc_info=True)
         why = None
     if why is None or conf_files is None or not _certbot.is_active():
-        return stock()
+        return stock_then_pending(config, stock)
     logger.info("certbot-batch renewal session (%s)", why)
     return RenewalSession(config, stock, conf_files).run()
+
+
+def stock_then_pending(config: Any, stock: Callable[..., Any]) -> Any:
+    """certbot's own renewal; then, when an earlier batched run left a deployment pending
+    (its record exists), that deployment: every ``renew`` retries it until it is done and
+    exits non-zero meanwhile. Without a record: exactly certbot's own run."""
+    if not recovery.renews(config) or not isinstance(getattr(config, "work_dir", None), str) \
+            or not isinstance(getattr(config, "config_dir", None), str) \
+            or not pending.PendingDeployments(config).exists():
+        return stock()
+    try:
+        result = stock()
+    finally:
+        report = finish.finish(config, brief=False)
+    if report.errors:
+        raise errors.Error("; ".join(report.errors))
+    return result
 
 
 def stop_signals(ctx: RunContext) -> Scope:
@@ -192,7 +209,13 @@ class RenewalSession:
         self.not_deployed: dict[str, str] = {}
         self.waves = 0
         self.provision_calls = 0
-        self.pending = pending.PendingDeployment(pending.path_for(config))
+        self.pending = pending.PendingDeployments(config)
+        #: every backoff decision, also where the state DB cannot lose it (ca/ledger.py)
+        self.ledger = ledger.Ledger(config)
+        #: lineages whose failure was recorded as soon as their wave ended
+        self._failure_noted: set[str] = set()
+        #: deployments of earlier runs that are still not done after this run's attempt
+        self.earlier_not_deployed: dict[str, str] = {}
         self.installer_of: dict[str, Optional[str]] = {}
 
     # -- the run ------------------------------------------------------------------------
@@ -201,12 +224,17 @@ class RenewalSession:
         ctx = self.ctx
         options.validate(config)
         reload.preflight(config)
-        Journal(paths.journal_path(config)).recover()
         self.db = StateDB(paths.state_db_path(config))
         try:
             report = Scanner(settings_from(config), self.db).scan(
                 self.conf_files, full=not getattr(config, "certname", None))
             self.report = report
+            changed = self.ledger.apply(report.states)
+            if changed:
+                logger.info("certbot-batch: backoff of %d lineage(s) taken from the ledger "
+                            "(the state database did not have it)", changed)
+                if not getattr(config, "dry_run", False):
+                    self.db.save(report.states)
             self._announce(report)
             ctx.pacer = pacing.AcmePacer(
                 rate=float(getattr(config, "batch_acme_rate", None) or pacing.DEFAULT_RATE))
@@ -232,9 +260,10 @@ class RenewalSession:
                         activation.__exit__(None, None, None)  # certbot as stock from here
                     self._deploy(deploy_run)
             if activation is None:
-                return self.stock()
+                return stock_then_pending(config, self.stock)
             return self._finish(report)
         finally:
+            self.ledger.flush()
             self.db.close()
 
     def _renew_in_waves(self, report: ScanReport) -> None:
@@ -274,6 +303,15 @@ class RenewalSession:
                 with ctx.lock:
                     ctx.prefetched.update(wave_report.results)
                 self._fallback(batchable, wave_report)
+                # The wave's failures are known before certbot's loop runs: their backoff is
+                # durable before anything else happens (a kill in the loop keeps it).
+                for item in batchable:
+                    result = ctx.prefetched.get(item.name)
+                    if isinstance(result, BaseException) and not isinstance(
+                            result, (pacing.Deferred, replaces.Stopped)):
+                        self._record_failure(item.name, result)
+                        self._failure_noted.add(item.name)
+                self.ledger.flush()
                 _certbot.notify(
                     f"certbot-batch: {len(wave_report.ok)} lineage(s) validated and issued, "
                     f"{len(wave_report.failed)} failed, in {wave_report.elapsed:.1f} s "
@@ -299,8 +337,10 @@ class RenewalSession:
                 to_loop += broken_confs
             if not to_loop and (called or index < len(waves) - 1):
                 continue
+            self.ledger.flush()  # deferrals
             self._record_pending([p for p in prepared if p.conf_path in to_loop])
             self._certbot_loop(to_loop)
+            self.ledger.flush()
             called = True
 
     def _fallback(self, items: list[prevalidate.Prepared],
@@ -347,6 +387,7 @@ class RenewalSession:
             backoff.record_failure(state, time.time(), str(exc), retry_after=exc.retry_after,
                                    counts=False)
             self.db.update(state)
+            self.ledger.note(state)
 
     def _random_sleep(self) -> None:
         """certbot's random delay for non-interactive runs, before the first order (certbot
@@ -396,18 +437,17 @@ class RenewalSession:
         return prepared, unloadable
 
     def _record_pending(self, items: list[prevalidate.Prepared]) -> None:
-        """Before certbot's loop saves anything: record how these lineages are deployed."""
+        """Before certbot's loop saves anything: record how these lineages are deployed
+        (per server instance, and the batch deploy hooks)."""
         if getattr(self.config, "dry_run", False) or not items:
             return
-        reload_info = None
+        by_server: dict[ServerRef, list[str]] = {}
         for p in items:
-            if getattr(p.config, "installer", None) == "batch-apache":
-                reload_info = {"ctl": str(getattr(p.config, "apache_ctl", None)
-                                          or "apache2ctl"),
-                               "server_root": reload.server_root(p.config)}
-                break
-        self.pending.add([p.name for p in items], reload_info,
-                         batch_hooks.hook_commands(self.config))
+            ref = servers.ref_for(p.config)
+            if ref is not None:
+                by_server.setdefault(ref, []).append(p.name)
+        self.pending.begin(by_server, batch_hooks.hook_commands(self.config),
+                           [p.name for p in items])
 
     def _certbot_loop(self, conf_files: list[str]) -> None:
         """certbot's own loop over ``conf_files`` (saving, hooks, its messages)."""
@@ -423,31 +463,40 @@ class RenewalSession:
             self.loop_errors.append(exc)
 
     def _deploy(self, run: reload.DeployRun) -> None:
-        """The one configtest + reload of the run, then the batch deploy hooks."""
+        """One confirmed reload per server instance (this run's and any earlier run's
+        pending ones), then the batch deploy hooks."""
         if getattr(self.config, "dry_run", False):
             return
-        reload_error = reload.flush(run)
-        if reload_error:
-            for name in self.renewed:
-                if self.installer_of.get(name) == "batch-apache":
-                    self.not_deployed[name] = reload_error
-            if self.not_deployed:  # said once, in the summary, next to what it concerns
-                self.deploy_problems.append(
-                    f"{len(self.not_deployed)} renewed certificate(s) not deployed (the "
-                    f"Apache {'configtest' if run.result == 'configtest-failed' else 'reload'}"
-                    " failed; the next certbot run tries again)")
+        previous = {}
+        if self.report is not None:
+            for state in self.report.states:
+                if state.serial and state.name in self.renewed:
+                    try:
+                        previous[state.name] = int(state.serial, 16)
+                    except ValueError:
+                        pass
+        report = finish.finish(self.config, brief=False, run=run, run_lineages=self.renewed,
+                               previous=previous)
+        renewed = set(self.renewed)
+        for name, why in report.not_deployed.items():
+            if name in renewed:
+                self.not_deployed[name] = why
             else:
-                logger.error("%s", reload_error)
-                self.deploy_problems.append(reload_error)
-        hook_error = batch_hooks.run_batch_hooks(self.config, self._renewed_lineages(),
-                                                 run.result)
-        if hook_error:
-            logger.error("%s", hook_error)
-            self.deploy_problems.append(hook_error)
-        if self.deploy_problems:
-            self.pending.failed("; ".join(self.deploy_problems))
-        else:
-            self.pending.clear()
+                self.earlier_not_deployed[name] = why
+        if self.not_deployed:  # said once, in the summary, next to what it concerns
+            self.deploy_problems.append(
+                f"{len(self.not_deployed)} renewed certificate(s) not deployed (the next "
+                "certbot renew tries again)")
+        if self.earlier_not_deployed:
+            shown = set(self.not_deployed.values())
+            for why in dict.fromkeys(self.earlier_not_deployed.values()):
+                if why not in shown:
+                    logger.error("certbot-batch: %s", why)
+            self.deploy_problems.append(
+                f"{len(self.earlier_not_deployed)} certificate(s) renewed by an earlier run "
+                "are still not deployed")
+        server_errors = {o.message for o in report.servers.values() if not o.ok}
+        self.deploy_problems += [e for e in report.errors if e not in server_errors]
 
     # -- the end of the run: certbot's summary, post-hooks, exit code ----------------------
     def _finish(self, report: ScanReport) -> Any:
@@ -565,8 +614,8 @@ class RenewalSession:
         if undeployed:
             logger.error("%s", next(iter(self.not_deployed.values())))
             logger.error("The following %ss succeeded, but the certificates are NOT deployed "
-                         "yet (the next certbot run reloads Apache once the configuration is "
-                         "fixed):", noun)
+                         "yet (the next `certbot renew` deploys them once the web server's "
+                         "problem is fixed):", noun)
             logger.error("\n".join(f"  {p} (renewed, not deployed)" for p in undeployed))
         if failures:
             logger.error("The following %ss failed:", noun)
@@ -630,13 +679,18 @@ class RenewalSession:
             proceed()
         except BaseException as exc:
             self.failed.append(name)
-            self._record_failure(name, exc)
+            if name not in self._failure_noted:
+                self._record_failure(name, exc)
+                self.ledger.flush()
             raise
         self.renewed.append(name)
         if self.db is not None and not config.dry_run:
             state = self.report.by_name().get(name) if self.report is not None else None
             issued_by = ctx.fallback.get(name) or (state.server if state else None)
             self.db.mark_renewed(name, time.time(), issued_by=issued_by)
+            if state is not None and (state.renew_failures or state.renew_next_attempt):
+                backoff.record_success(state)
+                self.ledger.note(state)
 
     def _record_failure(self, name: str, exc: BaseException) -> None:
         """The lineage's backoff: the next attempt waits (docs/decisions.md)."""
@@ -658,6 +712,7 @@ class RenewalSession:
             detail = ctx.failure_detail.get(name)
             backoff.record_failure(state, now, f"{exc}" + (f" ({detail})" if detail else ""))
         self.db.update(state)
+        self.ledger.note(state, now)
 
     def _renewed_lineages(self) -> list[dict[str, Any]]:
         return [batch_hooks.describe_lineage(self.config, name) for name in self.renewed]
@@ -685,17 +740,12 @@ class RenewalSession:
 def _installer_problem(state: LineageState, lineage_config: Any) -> Optional[str]:
     """A saved installer setting that cannot work (certbot would silently drop the
     installer, save the certificate and say "Congratulations")."""
-    if getattr(lineage_config, "installer", None) != "batch-apache":
+    ref = servers.ref_for(lineage_config)
+    problem = servers.server_for(ref).ctl_problem() if ref is not None else None
+    if problem is None:
         return None
-    from certbot_batch.deploy import apachectl
-
-    ctl = str(getattr(lineage_config, "apache_ctl", None) or "apache2ctl")
-    try:
-        apachectl.find_ctl(ctl)
-    except errors.Error as exc:
-        return (f"Lineage {state.name} ({state.conf_path}): {exc} Not renewed: its "
-                "certificate could not be deployed.")
-    return None
+    return (f"Lineage {state.name} ({state.conf_path}): {problem} Not renewed: its "
+            "certificate could not be deployed.")
 
 
 def _ca_problem(exc: BaseException, depth: int = 0) -> bool:

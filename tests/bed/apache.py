@@ -346,7 +346,13 @@ class Apache:
             return False
         except PermissionError:
             return True
-        return True
+        # An Apache that exited stays a zombie where nothing reaps it (a container whose
+        # init does not): that is not running.
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+                return fh.read().rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+        except OSError:
+            return False
 
     def start(self) -> None:
         if self.is_running():

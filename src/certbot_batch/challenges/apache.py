@@ -26,7 +26,6 @@ import dataclasses
 import http.client
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -34,16 +33,17 @@ from typing import Iterable, Optional
 
 from certbot import errors
 
-from certbot_batch import paths
+from certbot_batch import paths, servers
 from certbot_batch.challenges.journal import Journal
 from certbot_batch.challenges.webroot import ChallengeFile, WebrootProvisioner
-from certbot_batch.deploy import apachectl, reload
+from certbot_batch.deploy import reload
+from certbot_batch.servers import apache as apache_server
+from certbot_batch.servers.base import ServerRef
 
 logger = logging.getLogger(__name__)
 
 SNIPPET_NAME = "certbot-batch-acme.conf"  # = journal.SNIPPET
 CHALLENGE_DIR_NAME = "certbot-batch-http01"
-_LISTEN = re.compile(r"^\s*Listen\s+(\S+)", re.IGNORECASE | re.MULTILINE)
 #: How long to wait for the reloaded Apache to serve the challenges.
 READY_TIMEOUT = 60.0
 #: ... and how long, when Apache answers the probe with something else (403, 404, ...).
@@ -57,6 +57,8 @@ class ApacheSettings:
     challenge_root: str
     #: reload at cleanup instead of at the end of the run (--dry-run: no final flush)
     reload_at_cleanup: bool = False
+    #: certbot's config dir: the lineages whose live/ links are checked before a reload
+    config_dir: str = ""
 
     @property
     def snippet_dir(self) -> str:
@@ -72,7 +74,8 @@ class ApacheSettings:
 
 
 def settings_for(ctl: str, server_root: str, challenge_location: Optional[str],
-                 reload_at_cleanup: bool = False) -> Optional[ApacheSettings]:
+                 reload_at_cleanup: bool = False,
+                 config_dir: str = "") -> Optional[ApacheSettings]:
     """None when the layout has no conf-enabled/ (non-Debian): the caller falls back to
     certbot's own per-lineage Apache authenticator."""
     if not os.path.isdir(os.path.join(server_root, "conf-enabled")):
@@ -80,7 +83,7 @@ def settings_for(ctl: str, server_root: str, challenge_location: Optional[str],
     base = challenge_location or server_root
     return ApacheSettings(ctl=ctl, server_root=server_root,
                           challenge_root=os.path.join(base, CHALLENGE_DIR_NAME),
-                          reload_at_cleanup=reload_at_cleanup)
+                          reload_at_cleanup=reload_at_cleanup, config_dir=config_dir)
 
 
 def snippet_text(settings: ApacheSettings) -> str:
@@ -110,29 +113,6 @@ def snippet_text(settings: ApacheSettings) -> str:
         "\tRewriteOptions InheritDownBefore\n"
         f"\tRewriteRule ^/\\.well-known/acme-challenge/([A-Za-z0-9_-]+)$ {files}/$1 [END]\n"
         "</IfModule>\n")
-
-
-def http_ports(server_root: str) -> list[tuple[str, int]]:
-    """Plain-HTTP candidates from the Listen directives (443 skipped), loopback first."""
-    found: list[tuple[str, int]] = []
-    for path in reload.config_files(server_root):
-        try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                text = fh.read()
-        except OSError:
-            continue
-        for arg in _LISTEN.findall(text):
-            host, _, port_s = arg.rpartition(":")
-            if not port_s.isdigit() or int(port_s) == 443:
-                continue
-            host = host.strip("[]")
-            if host in ("", "*", "0.0.0.0", "::"):
-                host = "127.0.0.1"
-            if ":" in host:
-                continue  # IPv6: keep it simple, loopback v4 is tried anyway
-            if (host, int(port_s)) not in found:
-                found.append((host, int(port_s)))
-    return found
 
 
 def _fetch(host: str, port: int, vhost: str, path: str) -> tuple[Optional[int], bytes]:
@@ -217,7 +197,8 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
                 f"{snippet} exists: another certbot-batch run may be serving challenges. "
                 "Remove it if no certbot is running.")
         # The reload entry lets the next run drop the snippet from a running Apache too.
-        self.journal.record("reload", [settings.ctl])
+        self.journal.record("server", [settings.ctl], root=settings.server_root,
+                            server_kind="apache", ctl=settings.ctl)
         self.journal.record("file", [snippet])
         probe = ChallengeFile(identifier=items[0].identifier, webroot=settings.challenge_root,
                               token="certbot-batch-probe-" + secrets.token_hex(8),
@@ -226,14 +207,17 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
         with open(snippet, "w", encoding="utf-8") as fh:
             fh.write(snippet_text(settings))
         self._snippet_installed = True
-        try:
-            apachectl.configtest(settings.ctl)
-        except errors.Error as exc:
+        # The same careful reload as a deployment: live/ links safe, configtest, the reload
+        # confirmed (a server taken down here would stop every site, not only validation).
+        server = servers.server_for(ServerRef(apache_server.KIND, settings.ctl,
+                                              settings.server_root))
+        outcome = reload.deploy(server, settings.config_dir or None, [],
+                                timeout=READY_TIMEOUT)
+        if not outcome.ok:
             self._remove_snippet()
             raise errors.PluginError(
-                f"Could not serve the http-01 challenges through Apache: {exc}") from exc
+                f"Could not serve the http-01 challenges through Apache: {outcome.message}")
         run = reload.active()
-        apachectl.graceful(settings.ctl)
         self.reloads += 1
         if run is not None:
             run.challenge_reloads += 1
@@ -241,7 +225,7 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
         self._wait_ready(settings, probe)
 
     def _wait_ready(self, settings: ApacheSettings, probe: ChallengeFile) -> None:
-        candidates = http_ports(settings.server_root)
+        candidates = apache_server.http_ports(settings.server_root)
         path = "/.well-known/acme-challenge/" + probe.token
         start = time.monotonic()
         last: dict[tuple[str, int], Optional[int]] = {}
@@ -280,10 +264,11 @@ class ApacheChallengeProvisioner(WebrootProvisioner):
         removed = self._remove_snippet()
         super().cleanup()
         if removed and self.settings is not None:
-            if self.settings.reload_at_cleanup or not reload.request_reload(self.settings.ctl):
+            ref = ServerRef(apache_server.KIND, self.settings.ctl, self.settings.server_root)
+            if self.settings.reload_at_cleanup or not reload.request_reload(ref):
                 # No renewal session (or a dry run): nobody reloads at the end, do it now.
-                try:
-                    apachectl.graceful(self.settings.ctl)
-                except errors.Error as exc:
+                outcome = reload.deploy(servers.server_for(ref), self.settings.config_dir or
+                                        None, [], timeout=READY_TIMEOUT)
+                if not outcome.ok:
                     logger.warning("Could not reload Apache after removing the challenge "
-                                   "configuration: %s", exc)
+                                   "configuration: %s", outcome.message)

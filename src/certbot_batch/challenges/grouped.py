@@ -86,6 +86,11 @@ def journal_path(config: Any) -> str:
     return os.path.join(paths.state_dir(config), JOURNAL_NAME)
 
 
+def journal_paths(config: Any) -> list[str]:
+    """Every place a DNS journal may be (recovery looks at each)."""
+    return [journal_path(config)]
+
+
 # -- which authenticators are grouped ---------------------------------------------------------
 
 _classes: dict[str, Optional[type]] = {}
@@ -686,7 +691,7 @@ def wrap_authenticator(auth: Any, lineage_config: Any) -> Any:
 
 # -- recovery ----------------------------------------------------------------------------------
 
-def recover(config: Any) -> int:
+def recover(config: Any, budget: Optional[float] = None) -> int:
     """Remove the records an interrupted run left behind, with each lineage's own plugin.
     Returns how many were removed; the ones that could not be stay journaled."""
     path = journal_path(config)

@@ -2,6 +2,13 @@
 
 Every path is journaled (and fsynced) *before* it is created, so a run killed at any
 point (even SIGKILL) leaves a record from which the next run removes the leftovers.
+
+The journal is a record in the sense of ``durable.py``: written to the state directory, or
+to the mirror directory in certbot's config directory when the state directory cannot be
+written (one warning; a journal that cannot be written anywhere never costs a renewal),
+and only trusted when its owner and mode are safe. Recovery deletes nothing but challenge
+files (directly inside a ``.well-known/acme-challenge`` directory, inside the webroot they
+were written for), the directories made for them, and batch-apache's challenge snippet.
 """
 from __future__ import annotations
 
@@ -9,35 +16,96 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional, Union
+
+from certbot_batch import durable
 
 logger = logging.getLogger(__name__)
 
 #: batch-apache's challenge snippet (challenges/apache.py SNIPPET_NAME)
 SNIPPET = "certbot-batch-acme.conf"
+#: the directory (inside the Apache challenge location) batch-apache serves challenges from
+APACHE_CHALLENGE_DIR = "certbot-batch-http01"
 #: dns-01 records of certbot's DNS plugins and manual hooks (challenges/grouped.py), kept in
 #: a journal file of their own (the webroot cleanup clears its journal whole): one
 #: DNS_RECORD line (renewal conf, plugin, domain, validation name and value, the plugin's
 #: settings) before the record is created, one DNS_REMOVED line (same id) once it is gone.
 DNS_RECORD = "dns-record"
 DNS_REMOVED = "dns-removed"
+#: the directories a challenge file may sit in, and the ones we may create for it
+_CHALLENGE_DIRS = (".well-known", "acme-challenge")
+_OUR_DIRS = frozenset({".well-known", "acme-challenge", APACHE_CHALLENGE_DIR})
+
+
+def safe_to_remove(kind: str, path: str, root: Optional[str]) -> Optional[str]:
+    """Why a journaled path must not be removed, or None. ``root`` is the webroot (or
+    Apache challenge root) the entry was written for, when the journal says it."""
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        return "not a plain absolute path"
+    parent = os.path.dirname(path)
+    if kind == "file":
+        if os.path.basename(path) == SNIPPET:
+            if os.path.basename(parent) != "conf-enabled":
+                return "not in a conf-enabled directory"
+            return None
+        if tuple(parent.split(os.sep)[-2:]) != _CHALLENGE_DIRS:
+            return "not directly inside a .well-known/acme-challenge directory"
+        if root is not None:
+            expected = os.path.join(os.path.realpath(root), *_CHALLENGE_DIRS)
+            if os.path.realpath(parent) != expected:
+                return f"not inside the challenge directory of {root}"
+        return None
+    if kind == "dir":
+        if os.path.basename(path) not in _OUR_DIRS:
+            return "not a challenge directory"
+        if root is not None:
+            real_root = os.path.realpath(root)
+            real = os.path.realpath(path)
+            if real != real_root and not real.startswith(real_root + os.sep):
+                return f"not inside {root}"
+        return None
+    return f"unknown kind {kind!r}"
 
 
 class Journal:
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: Union[str, list[str]]) -> None:
+        #: where it is written (the first path that works), then where else it may be
+        self.paths = [path] if isinstance(path, str) else list(path)
+        self.path = self.paths[0]
         self._lock = threading.Lock()
+        self._disabled = False
 
-    def record(self, kind: str, paths: Iterable[str]) -> None:
-        lines = "".join(json.dumps({"kind": kind, "path": p}) + "\n" for p in paths)
-        if not lines:
+    def record(self, kind: str, paths: Iterable[str], root: Optional[str] = None,
+               **extra: Any) -> None:
+        """Journal ``paths`` before they are created (``root``: the webroot they belong to).
+        Never raises: without a writable journal the run goes on (one warning), its own
+        cleanup still removes everything; only a kill would leave files behind."""
+        items = []
+        for p in paths:
+            item: dict[str, Any] = {"kind": kind, "path": p}
+            if root is not None:
+                item["root"] = root
+            item.update(extra)
+            items.append(item)
+        if not items:
             return
+        lines = "".join(json.dumps(i) + "\n" for i in items)
         with self._lock:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(lines)
-                fh.flush()
-                os.fsync(fh.fileno())
+            if self._disabled:
+                return
+            for candidate in [self.path] + [p for p in self.paths if p != self.path]:
+                try:
+                    durable.append_line(candidate, lines)
+                    self.path = candidate
+                    return
+                except OSError as exc:
+                    durable.warn_once(f"journal:{candidate}", "certbot-batch: cannot write "
+                                      "the challenge journal %s (%s)", candidate,
+                                      exc.strerror or exc)
+            self._disabled = True
+            logger.warning("certbot-batch: no challenge journal can be written; this run "
+                           "goes on without one (a killed run may leave challenge files "
+                           "behind)")
 
     def record_dns(self, records: Iterable[dict[str, Any]]) -> None:
         """Journal DNS records (dicts with an "id"), before they are created."""
@@ -103,74 +171,91 @@ class Journal:
                 records.pop(ident, None)
         return list(records.values())
 
-    def entries(self) -> list[tuple[str, str]]:
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                raw = fh.readlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in raw:
-            try:
-                item = json.loads(line)
-                out.append((str(item["kind"]), str(item["path"])))
-            except (ValueError, KeyError, TypeError):
-                # A torn last line after a crash: the entries before it still count.
-                continue
+    def items(self) -> list[dict[str, Any]]:
+        """Every journaled entry of every trusted copy (a torn last line after a crash is
+        skipped; the entries before it still count)."""
+        out: list[dict[str, Any]] = []
+        for path in self.paths:
+            for item in durable.read_lines(path):
+                if isinstance(item.get("kind"), str) and isinstance(item.get("path"), str):
+                    out.append(item)
         return out
+
+    def entries(self) -> list[tuple[str, str]]:
+        return [(str(i["kind"]), str(i["path"])) for i in self.items()]
+
+    def exists(self) -> bool:
+        return any(os.path.exists(p) for p in self.paths)
 
     def clear(self) -> None:
         with self._lock:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+            for path in self.paths:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    durable.warn_once(f"journal-rm:{path}", "certbot-batch: could not "
+                                      "remove %s: %s", path, exc.strerror or exc)
+            self.path = self.paths[0]
 
-    def recover(self) -> int:
-        """Remove everything a previous (interrupted) run left behind; reload Apache when
-        its challenge snippet was among it (else the running server keeps serving the
-        Alias from memory). Returns the count removed."""
-        entries = self.entries()
-        if not entries:
+    def recover(self) -> list[dict[str, str]]:
+        """Remove everything a previous (interrupted) run left behind. Returns the servers
+        (``{"kind", "ctl", "root"}``) whose challenge configuration was removed: the
+        running server still serves it from memory until its next reload, which the caller
+        arranges (recovery.py: the next deployment of that server)."""
+        items = self.items()
+        if not items:
             self.clear()
-            return 0
-        snippets = [p for k, p in entries if k == "file" and os.path.basename(p) == SNIPPET
-                    and os.path.lexists(p)]
-        removed = remove_paths(entries)
+            return []
+        snippets = [i["path"] for i in items if i["kind"] == "file"
+                    and os.path.basename(i["path"]) == SNIPPET and os.path.lexists(i["path"])]
+        removed = remove_items(items)
         if removed:
             logger.warning("certbot-batch: removed %d challenge file(s)/dir(s) left behind by "
-                           "an interrupted run (journal %s)", removed, self.path)
-        ctls = [p for k, p in entries if k == "reload"]
-        if snippets and ctls:
-            from certbot import errors
-
-            from certbot_batch.deploy import apachectl
-            try:
-                apachectl.configtest(ctls[-1])
-                apachectl.graceful(ctls[-1])
-                logger.warning("certbot-batch: reloaded Apache (%s) to drop the challenge "
-                               "configuration of the interrupted run", ctls[-1])
-            except errors.Error as exc:
-                logger.warning("certbot-batch: could not reload Apache after removing %s: "
-                               "%s", snippets[0], exc)
+                           "an interrupted run", removed)
+        servers: list[dict[str, str]] = []
+        if snippets:
+            for item in items:
+                if item["kind"] == "server":
+                    ref = {"kind": str(item.get("server_kind") or "apache"),
+                           "ctl": str(item.get("ctl") or item["path"]),
+                           "root": str(item.get("root") or "")}
+                elif item["kind"] == "reload":  # journals of certbot-batch <= 0.1.0
+                    ref = {"kind": "apache", "ctl": item["path"], "root": ""}
+                else:
+                    continue
+                if ref not in servers:
+                    servers.append(ref)
         self.clear()
-        return removed
+        return servers
 
 
-def remove_paths(entries: list[tuple[str, str]]) -> int:
+def remove_items(items: list[dict[str, Any]]) -> int:
+    """Remove journaled files and directories, each only where ``safe_to_remove`` allows."""
     removed = 0
-    for kind, path in entries:
-        if kind == "file" and os.path.lexists(path):
-            try:
-                os.remove(path)
-                removed += 1
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                logger.warning("Could not remove challenge file %s: %s", path, exc)
+    for item in items:
+        kind, path = item["kind"], item["path"]
+        if kind != "file" or not os.path.lexists(path):
+            continue
+        why = safe_to_remove(kind, path, item.get("root"))
+        if why is not None:
+            durable.warn_once(f"unsafe:{path}", "certbot-batch: not removing %s named by the "
+                              "challenge journal: %s", path, why)
+            continue
+        try:
+            os.remove(path)
+            removed += 1
+            logger.info("certbot-batch: removed %s", path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("Could not remove challenge file %s: %s", path, exc)
     # Deepest directories first; only ones we created, and only if empty.
-    dirs = sorted({p for k, p in entries if k == "dir"}, key=len, reverse=True)
-    for path in dirs:
+    dirs = {i["path"]: i.get("root") for i in items if i["kind"] == "dir"}
+    for path in sorted(dirs, key=len, reverse=True):
+        if not os.path.isdir(path) or safe_to_remove("dir", path, dirs[path]) is not None:
+            continue
         try:
             os.rmdir(path)
             removed += 1
@@ -179,3 +264,8 @@ def remove_paths(entries: list[tuple[str, str]]) -> int:
         except OSError:
             logger.info("Challenge directory %s is not empty; left in place", path)
     return removed
+
+
+def remove_paths(entries: list[tuple[str, str]], root: Optional[str] = None) -> int:
+    """``remove_items`` for (kind, path) pairs (a run's own files)."""
+    return remove_items([{"kind": k, "path": p, "root": root} for k, p in entries])

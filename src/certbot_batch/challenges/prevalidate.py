@@ -157,7 +157,7 @@ def run_wave(ctx: RunContext, items: list[Prepared]) -> WaveReport:
     if not items:
         return report
     _certbot.find_plugins()  # fills the session's entry-point cache before the threads start
-    journal = Journal(paths.journal_path(ctx.config))
+    journal = Journal(paths.journal_paths(ctx.config))
     batch = ChallengeBatch([item.name for item in items], ApacheChallengeProvisioner(journal))
     gate = OrderGate([item.name for item in items], ctx.stopping)
     done = threading.Condition()

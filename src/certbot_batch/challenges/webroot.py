@@ -90,8 +90,8 @@ class WebrootProvisioner:
 
     def _write(self, item: ChallengeFile) -> None:
         missing = paths.missing_dirs(os.path.dirname(item.path))
-        self.journal.record("dir", missing)
-        self.journal.record("file", [item.path])
+        self.journal.record("dir", missing, root=item.webroot)
+        self.journal.record("file", [item.path], root=item.webroot)
         # Modes are set explicitly (chmod) instead of through the umask: the umask is
         # process-wide, and changing it from a worker thread would race with every other
         # thread creating files (certbot's own included).

@@ -58,8 +58,10 @@ def run_batch_hooks(config: Any, lineages: list[dict[str, Any]],
     """Run every batch deploy hook once (``commands``, default: those configured now).
     Returns an error message, or None.
 
-    ``apache_reload`` (exported as $CERTBOT_BATCH_APACHE_RELOAD): "reloaded", "none" (no
-    batch-apache reload in this run), "configtest-failed" or "reload-failed"."""
+    ``apache_reload`` (exported as $CERTBOT_BATCH_APACHE_RELOAD): "reloaded" (every server
+    of the run reloaded and confirmed), "none" (no server reload in this run), or the first
+    failure: "configtest-failed", "reload-failed", "refused" (a lineage's live/ links could
+    not be made safe), "down", "unconfirmed", "not-serving" (deploy/reload.py)."""
     if not lineages:
         return None
     cmds = hook_commands(config) if commands is None else list(commands)
@@ -72,6 +74,9 @@ def run_batch_hooks(config: Any, lineages: list[dict[str, Any]],
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump({"renewed": lineages}, fh, indent=2)
         env = dict(os.environ)
+        # certbot's per-lineage deploy hooks leave RENEWED_LINEAGE (the last lineage) in the
+        # process environment; a batch hook is about every lineage of the run.
+        env.pop("RENEWED_LINEAGE", None)
         env["CERTBOT_BATCH_MANIFEST"] = manifest
         env["RENEWED_LINEAGES"] = " ".join(str(item["live_dir"]) for item in lineages)
         env["RENEWED_DOMAINS"] = " ".join(n for item in lineages for n in item.get("names", []))
@@ -89,5 +94,8 @@ def run_batch_hooks(config: Any, lineages: list[dict[str, Any]],
     finally:
         os.unlink(manifest)
     if errors:
-        return "; ".join(errors) + " (the certificates were renewed and deployed)"
+        deployed = "renewed and deployed" if apache_reload in ("reloaded", "none") else \
+            "renewed"
+        return "; ".join(errors) + f" (the certificates were {deployed}; the next " \
+            "`certbot renew` runs the hook again)"
     return None

@@ -1,47 +1,101 @@
-"""Run-wide Apache deployment state: one parse, one configtest, one graceful reload.
+"""The deployment of a run: one configtest and one confirmed reload per server instance.
 
 certbot builds a new installer object for every lineage, so what must span the run lives
-here, and is only active between ``begin()`` and ``flush()`` of a renewal session. Outside
-a session every call is a no-op and batch-apache reloads immediately, like stock certbot.
+in a :class:`DeployRun` (one :class:`Target` per server instance the run's lineages name),
+active between ``begin()`` and the end of a renewal session. Outside a session every call is
+a no-op and batch-apache reloads immediately, like stock certbot.
+
+:func:`deploy` is the one way anything here reloads a server (end of a run, recovery):
+
+1. every lineage the server's configuration serves from ``live/`` has its four links on one
+   complete version whose key fits its certificate (``links.py``; repaired as certbot
+   would, and said so). A configtest does not load certificates, so this is checked here:
+   one bad pair makes the reload take the server down. If a lineage cannot be repaired,
+   the server is **not** reloaded;
+2. the configtest;
+3. the reload, confirmed by the server's processes (a new generation of workers under a
+   live master) -- a master that exits is reported loudly as a server taken down;
+4. a TLS probe of a sample of the renewed lineages' vhosts: still the previous certificate
+   after the reload means not deployed.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
-import re
 import threading
-from typing import Any, Optional
+import time
+from typing import Any, Iterable, Optional
 
-from certbot_batch.deploy import apachectl
+from certbot import errors
+from cryptography import x509
+
+from certbot_batch import links
+from certbot_batch.servers import Server, ServerRef, server_for
+from certbot_batch.servers import apache as apache_server
+from certbot_batch.servers.base import Endpoint, served_serial
 
 logger = logging.getLogger(__name__)
 
-_CERT_DIRECTIVE = re.compile(
-    r"^\s*SSLCertificate(?:Key|Chain)?File\s+\"?([^\"\s]+)\"?", re.IGNORECASE | re.MULTILINE)
-_INCLUDE = re.compile(r"^\s*Include(?:Optional)?\s+\"?([^\"\s]+)\"?", re.IGNORECASE | re.MULTILINE)
-_DEFINE_VAR = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
-#: The file Apache starts from, by layout (Debian first).
-MAIN_CONFIGS = ("apache2.conf", "httpd.conf", "conf/httpd.conf")
+#: How long a reload may take to show its new workers (a big Apache needs seconds: 6.5 s
+#: at 3,000 SSL vhosts) in a renewal run, and in the recovery of another command.
+CONFIRM_TIMEOUT = 120.0
+BRIEF_CONFIRM_TIMEOUT = 10.0
+#: Renewed lineages whose served certificate is probed after a reload, per server.
+PROBE_SAMPLE = 20
+PROBE_TIMEOUT = 10.0
+
+#: deploy() outcomes
+RELOADED = "reloaded"
+REFUSED = "refused"              # a lineage's links could not be made safe: no reload
+CONFIGTEST_FAILED = "configtest-failed"
+RELOAD_FAILED = "reload-failed"  # the control program failed
+DOWN = "down"                    # the reload took the server down
+UNCONFIRMED = "unconfirmed"      # no new workers within the timeout
+STALE = "not-serving"            # reloaded, still serving a previous certificate
 
 
 @dataclasses.dataclass
-class DeployRun:
+class Outcome:
+    status: str
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == RELOADED
+
+
+@dataclasses.dataclass
+class Target:
+    """One server instance of the run."""
+    ref: ServerRef
+    server: Server
     reload_requested: bool = False
     edited: bool = False
-    ctl: Optional[str] = None
+    #: certbot's configurator for this server (batch-apache edits through it)
     delegate: Optional[Any] = None
     #: certbot checkpoints (backup_dir entries) that existed before this run's first edit
     checkpoints_before: Optional[int] = None
     backup_dir: Optional[str] = None
     referenced: Optional[set[str]] = None
-    configtests: int = 0
-    reloads: int = 0
+    #: lineages of this run deployed through this server
+    lineages: set[str] = dataclasses.field(default_factory=set)
+    result: str = "none"
+
+
+@dataclasses.dataclass
+class DeployRun:
+    targets: dict[str, Target] = dataclasses.field(default_factory=dict)
     #: reloads done during the run (batch-apache authenticator: serve the challenges)
     challenge_reloads: int = 0
-    result: str = "none"
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+
+    def target(self, ref: ServerRef) -> Target:
+        with self.lock:
+            found = self.targets.get(ref.key)
+            if found is None:
+                found = self.targets[ref.key] = Target(ref, server_for(ref))
+            return found
 
 
 def begin(ctx: Any) -> DeployRun:
@@ -59,33 +113,43 @@ def active() -> Optional[DeployRun]:
     return run if isinstance(run, DeployRun) else None
 
 
-def defer_reload(config: Any, plugin: Any) -> bool:
+def _target_for(ref: ServerRef) -> Optional[Target]:
     run = active()
-    if run is None:
+    return run.target(ref) if run is not None else None
+
+
+def defer_reload(ref: ServerRef, delegate: Optional[Any] = None) -> bool:
+    """An installer's restart() inside a session: recorded for the end of the run (False
+    outside a session: the caller reloads itself). ``delegate``: the certbot configurator
+    the installer edited through, kept for a rollback."""
+    target = _target_for(ref)
+    if target is None:
         return False
-    with run.lock:
-        run.reload_requested = True
-        run.ctl = run.ctl or plugin.ctl()
-        if run.delegate is None and getattr(plugin, "_delegate", None) is not None:
-            run.delegate = plugin._delegate
+    from certbot_batch import _certbot
+
+    with active().lock:  # type: ignore[union-attr]
+        target.reload_requested = True
+        name = _certbot.current_lineage()
+        if name:
+            target.lineages.add(name)
+        if target.delegate is None and delegate is not None:
+            target.delegate = delegate
     return True
 
 
-def request_reload(ctl: str) -> bool:
+def request_reload(ref: ServerRef) -> bool:
     """Ask for a reload at the end of the run (e.g. to drop the challenge snippet).
     Returns False outside a session (the caller must reload itself)."""
     run = active()
     if run is None:
         return False
-    with run.lock:
-        run.reload_requested = True
-        run.ctl = run.ctl or ctl
+    run.target(ref).reload_requested = True
     return True
 
 
-def shared_delegate(config: Any) -> Optional[Any]:
-    run = active()
-    return run.delegate if run is not None else None
+def shared_delegate(ref: ServerRef) -> Optional[Any]:
+    target = _target_for(ref)
+    return target.delegate if target is not None else None
 
 
 def _checkpoints(backup_dir: Optional[str]) -> int:
@@ -95,134 +159,174 @@ def _checkpoints(backup_dir: Optional[str]) -> int:
         return 0
 
 
-def remember_delegate(config: Any, delegate: Any) -> None:
-    run = active()
-    if run is not None:
-        run.delegate = delegate
-        run.backup_dir = getattr(config, "backup_dir", None)
-        run.checkpoints_before = _checkpoints(run.backup_dir)
+def remember_delegate(ref: ServerRef, config: Any, delegate: Any) -> None:
+    target = _target_for(ref)
+    if target is not None:
+        target.delegate = delegate
+        target.backup_dir = getattr(config, "backup_dir", None)
+        target.checkpoints_before = _checkpoints(target.backup_dir)
 
 
-def mark_edited(config: Any) -> None:
-    run = active()
-    if run is not None:
-        run.edited = True
+def mark_edited(ref: ServerRef) -> None:
+    target = _target_for(ref)
+    if target is not None:
+        target.edited = True
 
 
-def server_root(config: Any) -> str:
-    return str(getattr(config, "apache_server_root", None) or "/etc/apache2")
-
-
-def _resolve(root: str, pattern: str) -> list[str]:
-    pattern = _DEFINE_VAR.sub(lambda m: os.environ.get(m.group(1), m.group(0)), pattern)
-    if not os.path.isabs(pattern):
-        pattern = os.path.join(root, pattern)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "*")
-    return sorted(glob.glob(pattern))
-
-
-def config_files(root: str) -> list[str]:
-    """The files Apache reads, found by following Include/IncludeOptional from the main
-    config (a text walk: milliseconds, where an Augeas parse of a big server takes
-    minutes). <IfModule>/<IfDefine> are not evaluated, so this may list a little more than
-    Apache reads -- never less, for the files reachable from the main config."""
-    main = next((os.path.join(root, m) for m in MAIN_CONFIGS
-                 if os.path.isfile(os.path.join(root, m))), None)
-    if main is None:  # unknown layout: every *.conf below the root
-        return sorted(glob.glob(os.path.join(root, "**", "*.conf"), recursive=True))
-    out: list[str] = []
-    seen: set[str] = set()
-    todo = [main]
-    while todo:
-        path = todo.pop(0)
-        real = os.path.realpath(path)
-        if real in seen or not os.path.isfile(real):
-            continue
-        seen.add(real)
-        out.append(path)
-        try:
-            with open(real, encoding="utf-8", errors="replace") as fh:
-                text = fh.read()
-        except OSError:
-            continue
-        for pattern in _INCLUDE.findall(text):
-            todo.extend(_resolve(root, pattern))
-    return out
-
-
-def referenced_paths(root: str) -> set[str]:
-    """Every certificate/key path that Apache's enabled config files name."""
-    found: set[str] = set()
-    for path in config_files(root):
-        try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                found.update(_CERT_DIRECTIVE.findall(fh.read()))
-        except OSError:
-            continue
-    return found
-
-
-def already_deployed(config: Any, domain: str, cert_path: str, key_path: str,
+def already_deployed(ref: ServerRef, cert_path: str, key_path: str,
                      fullchain_path: str) -> bool:
-    """True when Apache already serves this lineage from its live/ paths (renewal case)."""
-    run = active()
-    if run is None:
+    """True when the server already serves this lineage from its live/ paths (renewal)."""
+    target = _target_for(ref)
+    if target is None:
         return False
-    with run.lock:
-        if run.referenced is None:
-            run.referenced = referenced_paths(server_root(config))
-        refs = run.referenced
+    with active().lock:  # type: ignore[union-attr]
+        if target.referenced is None:
+            target.referenced = target.server.referenced_paths()
+        refs = target.referenced
     return key_path in refs and (fullchain_path in refs or cert_path in refs)
 
 
-class ReloadFailed(Exception):
-    pass
+# -- the safe reload ---------------------------------------------------------------------
 
-
-def flush(run: DeployRun) -> Optional[str]:
-    """The one configtest + graceful reload of the run. Returns an error message or None.
-
-    On a failing configtest this run's edits are rolled back (no reload); the renewed
-    certificates stay saved and Apache keeps serving the previous ones. A stopped Apache
-    is started by the graceful reload (as stock certbot's ``apachectl graceful`` does),
-    with a warning."""
-    if not run.reload_requested or run.ctl is None:
-        return None
-    try:
-        run.configtests += 1
-        apachectl.configtest(run.ctl)
-    except Exception as exc:  # noqa: BLE001  (any failure: roll back, report, go on)
-        run.result = "configtest-failed"
-        msg = str(exc)
-        if run.edited and run.delegate is not None:
-            try:
-                run.delegate.recovery_routine()
-                # Every lineage edited in this run saved a checkpoint of its own: undo
-                # them all (and nothing older).
-                made = (_checkpoints(run.backup_dir) - run.checkpoints_before
-                        if run.checkpoints_before is not None else 1)
-                if made > 0:
-                    run.delegate.rollback_checkpoints(made)
-                msg += " The configuration edits of this run were rolled back."
-            except Exception as rb_exc:  # noqa: BLE001
-                msg += f" Rolling back this run's edits also failed: {rb_exc}"
-        return (f"Apache was NOT reloaded: {msg} The renewed certificates are saved; Apache "
-                "keeps serving the previous ones until the configuration is fixed and Apache "
-                "is reloaded.")
-    try:
-        run.reloads += 1
-        output = apachectl.graceful(run.ctl)
-    except Exception as exc:  # noqa: BLE001
-        run.result = "reload-failed"
-        return f"Apache reload failed: {exc}"
-    run.result = "reloaded"
-    if apachectl.said_not_running(output):
-        logger.warning("Apache was not running: `%s graceful` started it, serving the "
-                       "renewed certificates.", run.ctl)
-    else:
-        logger.info("Apache reloaded once for the whole run (certbot-batch)")
+def _live_name(path: str, live_root: str, real_live_root: str) -> Optional[str]:
+    """The lineage whose live/ directory holds ``path``, or None."""
+    parent = os.path.dirname(os.path.normpath(path))
+    if os.path.dirname(parent) == live_root:
+        return os.path.basename(parent)
+    if os.path.dirname(os.path.realpath(parent)) == real_live_root:
+        return os.path.basename(os.path.realpath(parent))
     return None
+
+
+def check_links(server: Server, config_dir: str, lineages: Iterable[str]) -> list[str]:
+    """Make the links of every lineage the server serves (and of ``lineages``, read more
+    closely) safe to reload with. Returns the problems that could not be fixed, for
+    lineages the server serves."""
+    live_root = os.path.normpath(os.path.join(config_dir, "live"))
+    real_live_root = os.path.realpath(live_root)
+    served = set()
+    for path in server.referenced_paths():
+        name = _live_name(path, live_root, real_live_root)
+        if name:
+            served.add(name)
+    deep = {n for n in lineages if os.path.isdir(os.path.join(live_root, n))}
+    problems = []
+    for name in sorted(served | deep):
+        outcome = links.ensure_consistent(
+            links.Lineage.in_live_dir(os.path.join(live_root, name)), deep=name in deep)
+        if outcome.changed:
+            logger.warning("certbot-batch: %s", outcome.message)
+        if not outcome.ok and name in served:
+            problems.append(outcome.message)
+    return problems
+
+
+def _serial(path: str) -> Optional[int]:
+    try:
+        with open(path, "rb") as fh:
+            return int(x509.load_pem_x509_certificate(fh.read()).serial_number)
+    except (OSError, ValueError):
+        return None
+
+
+def probe(server: Server, config_dir: str, lineages: Iterable[str],
+          previous: dict[str, int], timeout: float = PROBE_TIMEOUT) -> list[str]:
+    """Lineages (of a sample) that the reloaded server still serves with their previous
+    certificate. Only that counts: a vhost that serves something else, or does not answer,
+    is no evidence either way."""
+    endpoints = server.endpoints()
+    plan: list[tuple[str, int, int, list[Endpoint]]] = []
+    for name in sorted(lineages):
+        old = previous.get(name)
+        if old is None:
+            continue
+        live = os.path.join(config_dir, "live", name)
+        where = [e for f in ("fullchain.pem", "cert.pem")
+                 for e in endpoints.get(os.path.join(live, f), [])]
+        current = _serial(os.path.join(live, "cert.pem"))
+        if where and current is not None and current != old:
+            plan.append((name, current, old, where))
+        if len(plan) >= PROBE_SAMPLE:
+            break
+    deadline = time.monotonic() + timeout
+    stale: list[str] = []
+    for name, current, old, where in plan:
+        while True:
+            served = [served_serial(e) for e in where]
+            if old not in served or current in served:
+                break
+            if time.monotonic() >= deadline:
+                stale.append(name)
+                break
+            time.sleep(0.1)
+    return stale
+
+
+def deploy(server: Server, config_dir: Optional[str], lineages: Iterable[str], *,
+           timeout: float = CONFIRM_TIMEOUT,
+           previous: Optional[dict[str, int]] = None) -> Outcome:
+    """The one safe reload (module docstring). Never raises certbot errors: they are the
+    outcome."""
+    names = sorted(set(lineages))
+    label = server.label()
+    title, where = server.title, server.where()
+    problems = check_links(server, config_dir, names) if config_dir else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return Outcome(REFUSED, f"{title} was NOT reloaded {where}: {problems[0]}{more}. A reload "
+                       "would take it down (it cannot load a key that does not fit its "
+                       "certificate); it keeps serving what it loaded before. Renew that "
+                       "lineage (certbot renew --cert-name NAME --force-renewal) or fix its "
+                       "live/ links.")
+    try:
+        server.configtest()
+    except errors.Error as exc:
+        return Outcome(CONFIGTEST_FAILED, f"{title} was NOT reloaded {where}: its "
+                       f"configtest fails ({exc})")
+    before = server.snapshot()
+    try:
+        server.reload()
+    except errors.Error as exc:
+        return Outcome(RELOAD_FAILED, f"reloading {label} failed: {exc}")
+    state = server.confirm(before, timeout)
+    if state == "down":
+        logger.error("certbot-batch: %s is DOWN after its reload: its master process exited "
+                     "(see its error log). Start it again once its configuration loads.",
+                     label)
+        return Outcome(DOWN, f"{label} is DOWN after its reload (its master process "
+                       "exited; see its error log)")
+    if state == "unconfirmed":
+        return Outcome(UNCONFIRMED, f"{label} was reloaded but did not start new workers "
+                       f"within {timeout:.0f} s; the next run checks again")
+    stale = probe(server, config_dir, names, previous or {}) if config_dir else []
+    if stale:
+        return Outcome(STALE, f"{label} was reloaded but still serves the previous "
+                       f"certificate of {', '.join(stale[:5])}"
+                       f"{' ...' if len(stale) > 5 else ''}")
+    if state == "unverifiable":
+        logger.info("certbot-batch: %s reloaded (no pid file to confirm it with)", label)
+    else:
+        logger.info("certbot-batch: %s reloaded and confirmed", label)
+    return Outcome(RELOADED)
+
+
+def flush(target: Target, config_dir: str, lineages: Iterable[str],
+          previous: Optional[dict[str, int]] = None) -> Outcome:
+    """The end-of-run deployment of one target: ``deploy``, and when its configtest fails,
+    this run's configuration edits are rolled back (the server keeps what it served)."""
+    outcome = deploy(target.server, config_dir, lineages, previous=previous)
+    target.result = outcome.status
+    if outcome.status == CONFIGTEST_FAILED and target.edited and target.delegate is not None:
+        try:
+            target.delegate.recovery_routine()
+            made = (_checkpoints(target.backup_dir) - target.checkpoints_before
+                    if target.checkpoints_before is not None else 1)
+            if made > 0:
+                target.delegate.rollback_checkpoints(made)
+            outcome.message += "; the configuration edits of this run were rolled back"
+        except errors.Error as exc:
+            outcome.message += f"; rolling back this run's edits also failed: {exc}"
+    return outcome
 
 
 def preflight(config: Any) -> None:
@@ -236,4 +340,4 @@ def preflight(config: Any) -> None:
         return
     ctl = getattr(config, "apache_ctl", None)
     if ctl:
-        apachectl.find_ctl(str(ctl))
+        apache_server.find_ctl(str(ctl))

@@ -32,8 +32,10 @@ from certbot_batch.challenges.apache import (
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
 from certbot_batch.challenges.webroot import ChallengeFile
-from certbot_batch.deploy import apachectl, reload
+from certbot_batch.deploy import reload
 from certbot_batch.plugins.webroot import achall_identifier
+from certbot_batch.servers import apache as apache_server
+from certbot_batch.servers.base import ServerRef
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +76,22 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._delegate: Optional[Any] = None
-        self._provisioner = ApacheChallengeProvisioner(Journal(paths.journal_path(self.config)))
+        self._provisioner = ApacheChallengeProvisioner(Journal(paths.journal_paths(self.config)))
         self._batch: Optional[ChallengeBatch] = None
         self._stock_challenges = False
 
     # -- helpers ----------------------------------------------------------------------
     def ctl(self) -> str:
-        return str(getattr(self.config, "apache_ctl", None) or "apache2ctl")
+        return apache_server.ctl_of(self.config)
+
+    def ref(self) -> ServerRef:
+        """The Apache instance this lineage's settings name."""
+        return apache_server.ref_of(self.config)
 
     def delegate(self) -> Any:
         """certbot's Apache configurator, prepared (Augeas parse) on first use only."""
         if self._delegate is None:
-            shared = reload.shared_delegate(self.config)
+            shared = reload.shared_delegate(self.ref())
             if shared is not None:
                 self._delegate = shared
             else:
@@ -94,19 +100,20 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
                              "(full configuration parse)")
                 delegate = cls(config=self.config, name="apache")
                 delegate.prepare()
-                reload.remember_delegate(self.config, delegate)
+                reload.remember_delegate(self.ref(), self.config, delegate)
                 self._delegate = delegate
         return self._delegate
 
     # -- Plugin -----------------------------------------------------------------------
     def challenge_settings(self) -> Optional[ApacheSettings]:
-        return settings_for(self.ctl(), reload.server_root(self.config),
+        return settings_for(self.ctl(), apache_server.root_of(self.config),
                             getattr(self.config, "apache_challenge_location", None),
-                            reload_at_cleanup=bool(getattr(self.config, "dry_run", False)))
+                            reload_at_cleanup=bool(getattr(self.config, "dry_run", False)),
+                            config_dir=str(getattr(self.config, "config_dir", "") or ""))
 
     def prepare(self) -> None:
         # Cheap checks only: the parse is deferred until an edit is really needed.
-        apachectl.find_ctl(self.ctl())
+        apache_server.find_ctl(self.ctl())
         stock_apache_class()
         # Leftover challenge files/snippet of an interrupted run go first (not while a
         # batch is live: its files are in the same journal).
@@ -123,17 +130,17 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
 
     def deploy_cert(self, domain: str, cert_path: str, key_path: str, chain_path: str,
                     fullchain_path: str) -> None:
-        if reload.already_deployed(self.config, domain, cert_path, key_path, fullchain_path):
+        if reload.already_deployed(self.ref(), cert_path, key_path, fullchain_path):
             logger.debug("Apache already serves %s from %s; no edit needed",
                          domain, fullchain_path)
             return
         self.delegate().deploy_cert(domain, cert_path, key_path, chain_path, fullchain_path)
-        reload.mark_edited(self.config)
+        reload.mark_edited(self.ref())
 
     def enhance(self, domain: str, enhancement: str,
                 options: Optional[Any] = None) -> None:
         self.delegate().enhance(domain, enhancement, options)
-        reload.mark_edited(self.config)
+        reload.mark_edited(self.ref())
 
     def supported_enhancements(self) -> list[str]:
         return list(self.delegate().supported_enhancements())
@@ -150,14 +157,14 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
             self._delegate.recovery_routine()
 
     def config_test(self) -> None:
-        apachectl.configtest(self.ctl())
+        apache_server.configtest(self.ctl())
 
     def restart(self) -> None:
-        if reload.defer_reload(self.config, self):
+        if reload.defer_reload(self.ref(), self._delegate):
             logger.info("Apache reload deferred to the end of the run (certbot-batch)")
             return
         self.config_test()
-        apachectl.graceful(self.ctl())
+        apache_server.graceful(self.ctl())
 
     # -- Authenticator ----------------------------------------------------------------
     def get_chall_pref(self, identifier: str) -> Iterable[type[challenges.Challenge]]:

@@ -66,7 +66,7 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._provisioner = WebrootProvisioner(Journal(paths.journal_path(self.config)))
+        self._provisioner = WebrootProvisioner(Journal(paths.journal_paths(self.config)))
         self._batch: Optional[ChallengeBatch] = None
 
     def more_info(self) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from cryptography import x509
 
+from certbot_batch import links
 from certbot_batch.scan import ari, ratelimit
 from certbot_batch.scan import ocsp as ocsp
 from certbot_batch.scan.state import LineageState, StateDB
@@ -411,6 +412,7 @@ class Scanner:
                 if link and not os.path.exists(link):
                     raise ValueError(f"{link}: No such file or directory (a broken live/ "
                                      "link?)")
+            _repair_links(state)
             cert_sig = _cert_sig(state.cert_path)
             if cert_sig != state.cert_sig or state.not_after is None:
                 state.reset_cert_facts()
@@ -434,6 +436,22 @@ class Scanner:
         if want_ari or want_ocsp:
             return state, want_ari, want_ocsp
         return None
+
+
+def _repair_links(state: LineageState) -> None:
+    """A lineage whose live/ links an interrupted save left on two versions is repaired
+    here, as certbot's own renew would (its RenewableCert does it for every lineage it
+    loads; the session loads only the due ones): before anything reloads a server."""
+    lineage = links.Lineage(state.name, {
+        "cert": str(state.cert_path), "privkey": str(state.privkey_path),
+        "chain": str(state.chain_path), "fullchain": str(state.fullchain_path)})
+    if links.quick_problem(lineage) is None:
+        return
+    outcome = links.ensure_consistent(lineage)
+    if outcome.changed:
+        logger.warning("certbot-batch: %s", outcome.message)
+    if not outcome.ok:
+        raise ValueError(outcome.message)
 
 
 class _NetworkRun:
