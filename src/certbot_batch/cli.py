@@ -218,6 +218,24 @@ def _prometheus(rows: list[dict[str, Any]], states: dict[str, LineageState],
     return "\n".join(out) + "\n"
 
 
+def _dns_records(dirs: _Dirs) -> list[dict[str, Any]]:
+    """TXT records (DNS plugins, manual hooks) that interrupted runs left and no certbot run
+    could remove yet. Raises OSError when their journal cannot be read."""
+    from certbot_batch.challenges import grouped  # imports certbot: only when asked
+
+    return grouped.outstanding(dirs)
+
+
+def _print_dns_records(records: list[dict[str, Any]]) -> None:
+    print(f"DNS RECORDS LEFT: {len(records)} TXT record(s) left by an interrupted run are not "
+          "removed yet; the next certbot run tries again (plugin, lineage, name, since):")
+    for r in records[:20]:
+        print(f"  {r['plugin']}  {r['lineage']}  {r['validation_name'] or r['domain']}  "
+              f"{fmt_time(r['since']) if r['since'] else '?'}")
+    if len(records) > 20:
+        print(f"  ... and {len(records) - 20} more (--json lists them all)")
+
+
 def _write_atomic(path: str, text: str) -> None:
     # node_exporter may read the file at any moment: never let it see half a file.
     directory = os.path.dirname(os.path.abspath(path))
@@ -251,6 +269,11 @@ def status(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(f"certbot-batch: no state database yet at {db_path}; run `certbot renew` with "
               "a batch plugin (or --batch-engine) once.", file=sys.stderr)
+    try:
+        dns_records = _dns_records(dirs)
+    except OSError as exc:
+        print(f"certbot-batch: cannot read the journal of DNS records ({exc})", file=sys.stderr)
+        return EXIT_ERROR
     now = time.time()
     rows = [_row(n, states.get(n), now) for n in names]
     record = pending.load(pending.path_for(dirs))
@@ -263,6 +286,8 @@ def status(args: argparse.Namespace) -> int:
                 "lineages": pending_names,
                 "since": fmt_time(record.get("since")) if record.get("since") else None,
                 "error": record.get("error")}
+        doc["dns_records"] = [dict(r, since=fmt_time(r["since"]) if r["since"] else None)
+                              for r in dns_records]
         print(json.dumps(doc, indent=2))
     elif not args.quiet:
         print(_table(rows))
@@ -275,9 +300,14 @@ def status(args: argparse.Namespace) -> int:
                   f"not deployed yet ({', '.join(pending_names[:10])}"
                   f"{' ...' if len(pending_names) > 10 else ''}); last error: "
                   f"{record.get('error') or '-'}. The next certbot run retries.")
+        if dns_records:
+            _print_dns_records(dns_records)
     if args.prometheus:
-        _write_atomic(args.prometheus, _prometheus(rows, states, now, len(pending_names)))
-    if record is not None:
+        _write_atomic(args.prometheus, _prometheus(rows, states, now, len(pending_names)) + (
+            "# HELP certbot_batch_dns_records_left TXT records left by interrupted runs, not "
+            "removed yet.\n# TYPE certbot_batch_dns_records_left gauge\n"
+            f"certbot_batch_dns_records_left {len(dns_records)}\n"))
+    if record is not None or dns_records:
         return EXIT_ATTENTION
     return EXIT_ATTENTION if any(r["attention"] for r in rows) else EXIT_OK
 

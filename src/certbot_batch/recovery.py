@@ -32,7 +32,10 @@ def on_certbot_start(config: Any) -> None:
     from certbot_batch.challenges import grouped
 
     if os.path.exists(grouped.journal_path(config)):
-        grouped.recover(config)  # TXT records, with each lineage's own DNS plugin
+        # TXT records, with each lineage's own DNS plugin; a few seconds at most outside
+        # renew (a dead DNS server is left to the next renew)
+        grouped.recover(config, budget=None if getattr(config, "verb", None) == "renew"
+                        else 3.0)
     if os.path.exists(pending.path_for(config)):
         error = finish_pending(config)
         if error:

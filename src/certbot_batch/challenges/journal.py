@@ -9,7 +9,8 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterable
+import time
+from typing import Any, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -18,9 +19,14 @@ SNIPPET = "certbot-batch-acme.conf"
 #: dns-01 records of certbot's DNS plugins and manual hooks (challenges/grouped.py), kept in
 #: a journal file of their own (the webroot cleanup clears its journal whole): one
 #: DNS_RECORD line (renewal conf, plugin, domain, validation name and value, the plugin's
-#: settings) before the record is created, one DNS_REMOVED line (same id) once it is gone.
+#: settings, ``ts``: when it was journaled) before the record is created, DNS_UPDATE lines
+#: (same id) adding fields later (the manual auth hook's variables once it ran; ``ts`` for a
+#: line of an older version that had none), one DNS_REMOVED line (same id) once it is gone.
 DNS_RECORD = "dns-record"
+DNS_UPDATE = "dns-update"
 DNS_REMOVED = "dns-removed"
+#: fields of a line that are not the record's own
+_LINE_FIELDS = ("kind", "id")
 
 
 class Journal:
@@ -41,8 +47,16 @@ class Journal:
 
     def record_dns(self, records: Iterable[dict[str, Any]]) -> None:
         """Journal DNS records (dicts with an "id"), before they are created."""
+        now = time.time()
         with self._lock:
-            self._append([dict(r, kind=DNS_RECORD) for r in records])
+            self._append([{"ts": now, **r, "kind": DNS_RECORD} for r in records])
+
+    def dns_update(self, updates: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Add fields to journaled records: (id, fields) pairs."""
+        with self._lock:
+            if os.path.exists(self.path):
+                self._append([{**fields, "kind": DNS_UPDATE, "id": ident}
+                              for ident, fields in updates])
 
     def dns_removed(self, ids: Iterable[str]) -> None:
         """These records are gone again; the file goes once no record is left in it."""
@@ -60,14 +74,6 @@ class Journal:
         """The journaled DNS records not marked removed, in journal order."""
         with self._lock:
             return self._dns_outstanding()
-
-    def recover_dns(self, remove: Callable[[list[dict[str, Any]]], Iterable[str]]) -> int:
-        """Hand the records an interrupted run left to ``remove`` (which returns the ids it
-        removed); the others stay journaled for the next run. Returns the count removed."""
-        records = self.dns_records()
-        removed = list(remove(records)) if records else []
-        self.dns_removed(removed)
-        return len(removed)
 
     def _append(self, items: list[dict[str, Any]]) -> None:
         """(with the lock held) Append and fsync; 0600: the settings name credentials."""
@@ -99,6 +105,9 @@ class Journal:
                 continue  # a torn last line after a crash
             if kind == DNS_RECORD:
                 records[ident] = item
+            elif kind == DNS_UPDATE and ident in records:
+                records[ident] = {**records[ident],
+                                  **{k: v for k, v in item.items() if k not in _LINE_FIELDS}}
             elif kind == DNS_REMOVED:
                 records.pop(ident, None)
         return list(records.values())
