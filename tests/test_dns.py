@@ -663,8 +663,8 @@ def test_sigkill_then_dns_down_other_commands_leave_it_to_renew(bed: DnsBed) -> 
         assert f"Certificate Name: {name}" in text, text
     said = [line for line in text.splitlines() if "interrupted run" in line]
     assert len(said) == 1, said
-    assert LEFT_TO_RENEW.search(said[0]), said
-    assert LEFT_TO_RENEW.search(said[0]).groups() == (str(2 * k), "dns-rfc2136"), said
+    left = LEFT_TO_RENEW.search(said[0])
+    assert left and left.groups() == (str(2 * k), "dns-rfc2136"), said
     # Nothing was given up: every record is still journaled, and status says so.
     status = _status(bed)
     assert status.returncode == 1, out(status)
@@ -736,10 +736,11 @@ def test_records_that_keep_failing_expire(bed: DnsBed) -> None:
             "undated": None}
     lines = []
     for ident, age in ages.items():
-        line = {"kind": "dns-record", "id": ident, "lineage": name,
-                "conf": str(bed.bot.renewal_conf(name)), "plugin": "dns-rfc2136",
-                "domain": name, "validation_name": f"_acme-challenge.{name}",
-                "validation": f"value-{ident}", "settings": settings}
+        line: dict[str, object] = {
+            "kind": "dns-record", "id": ident, "lineage": name,
+            "conf": str(bed.bot.renewal_conf(name)), "plugin": "dns-rfc2136", "domain": name,
+            "validation_name": f"_acme-challenge.{name}", "validation": f"value-{ident}",
+            "settings": settings}
         if age is not None:
             line["ts"] = now - age
         lines.append(json.dumps(line) + "\n")
