@@ -27,6 +27,13 @@ the others wait for the result. Nobody waits for a lineage that dropped out, a l
 lineage (after the barrier's timeout) starts a round of its own, and a lineage whose
 barrier raises before its round is sealed withdraws its challenges.
 
+One lineage per validation name at a time: a lineage whose validation name another lineage
+of the open round has (``x.test`` and ``*.x.test`` in two lineages) goes to a later round of
+its group, which performs only once every earlier round with that name is validated and
+cleaned up (many DNS APIs and hooks *set* a name's records: one lineage's would replace the
+other's). Earlier rounds never wait for later ones, and the later round's lineages are past
+the wave's barrier, waiting on their round only.
+
 Failures stay per lineage: when a group's ``perform()`` fails (a wrong TSIG key, a zone the
 server does not serve), its records are removed at once and each lineage of the group
 tries again on its own (its own ``perform()``, concurrently), so only the lineages that
@@ -34,13 +41,16 @@ really cannot be validated fail, each with its own error. No validation is ever 
 the CA: a lineage whose records could not be created never answers its challenges.
 
 Crash safety: every record is written to a journal (``WORK_DIR/certbot-batch/dns.journal``,
-fsynced: renewal conf, plugin, domain, validation name and value, the plugin's settings)
-before the plugin creates it, and marked removed once its cleanup succeeded. A run killed
-in between leaves the journal behind; the next certbot command (any: ``recovery.py``) rebuilds
-the plugin from the lineage's renewal conf and the journaled settings and calls the
-plugin's own cleanup (for manual: runs the cleanup hook as certbot would). Records still
-up when a stopping run exits (workers given up after the grace period) are removed at
-interpreter exit.
+fsynced: renewal conf, plugin, domain, validation name and value, the plugin's settings, the
+time) before the plugin creates it, and marked removed once its cleanup succeeded (or once
+the run's cleanup tried a record that was never created); for manual, what each auth hook
+ran with and printed is added as soon as it returned. A run killed in between leaves the
+journal behind; the next certbot command (any: ``recovery.py``) rebuilds the plugin from the
+lineage's renewal conf and the journaled settings and calls the plugin's own cleanup (for
+manual: runs the cleanup hook with the auth hook's variables, as certbot would), for at
+most a few seconds outside ``renew``; entries that fail for :data:`EXPIRY_SECONDS` are given
+up with an error. Records still up when a stopping run exits (workers given up after the
+grace period) are removed at interpreter exit.
 
 certbot's manual plugin sets ``os.environ`` for its hooks (process-wide): manual groups run
 one at a time under one lock, and the ``CERTBOT_*`` variables are put back afterwards.
