@@ -984,6 +984,8 @@ class _Recovery:
         self.errors: dict[str, str] = {}
         self.expired = 0
         self.left: collections.Counter[str] = collections.Counter()
+        #: (manual) records whose auth hook never returned and whose cleanup hook failed
+        self.interrupted: list[str] = []
 
     @property
     def removed_count(self) -> int:
@@ -1096,12 +1098,14 @@ class _Recovery:
             if code == 0:
                 self._removed(entry)
             elif entry.get("env_journaled") and not isinstance(entry.get("env"), dict):
-                # Its auth hook never returned (the run was killed during it): it probably
-                # created nothing; one try is all it gets.
+                # Its auth hook never returned (the run was killed during it), so what it
+                # printed is unknown: one try without it, then said once and forgotten.
                 self._log(logging.INFO, "certbot-batch: the manual cleanup hook for %s "
-                          "exited %d; its auth hook had not finished when the run was "
+                          "exited %d; its auth hook had not returned when the run was "
                           "interrupted: forgotten", domain, code)
                 self._forget([entry])
+                with self.lock:
+                    self.interrupted.append(str(entry.get("validation_name") or domain))
             else:
                 self._log(logging.INFO, "certbot-batch: the manual cleanup hook for %s "
                           "exited %d: %s", domain, code, err.strip())
@@ -1130,6 +1134,12 @@ class _Recovery:
             detail = "; ".join(f"{p}: {e}" for p, e in sorted(self.errors.items()))
             parts.append(f"could not remove {sum(self.failed.values())}{what} ({detail}); "
                          "the next certbot run tries again")
+        if self.interrupted:
+            parts.append(f"the cleanup hook failed for {len(self.interrupted)} challenge(s) "
+                         "whose auth hook had not returned (its output is unknown): "
+                         f"{', '.join(self.interrupted[:5])}"
+                         f"{' ...' if len(self.interrupted) > 5 else ''}; remove such "
+                         "records by hand if they exist")
         if self.expired:
             parts.append(f"gave up on {self.expired} that could not be removed for "
                          f"{EXPIRY_SECONDS // 86400:.0f} days (see the errors above)")
