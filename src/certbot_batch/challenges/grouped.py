@@ -1015,18 +1015,21 @@ class _Recovery:
                 self._failed([e for e in group.entries if str(e.get("id")) not in self.settled],
                              exc)
 
+    # The counts only change before stop(): after it, the caller reports them.
     def _removed(self, entry: dict[str, Any]) -> None:
         ident = str(entry.get("id"))
         self.journal.dns_removed([ident])
         with self.lock:
-            self.settled.add(ident)
-            self.removed[str(entry.get("plugin") or "")] += 1
+            if not self.stopped:
+                self.settled.add(ident)
+                self.removed[str(entry.get("plugin") or "")] += 1
 
     def _forget(self, entries: Iterable[dict[str, Any]]) -> None:
         ids = [str(e.get("id")) for e in entries]
         self.journal.dns_removed(ids)
         with self.lock:
-            self.settled.update(ids)
+            if not self.stopped:
+                self.settled.update(ids)
 
     def _failed(self, entries: list[dict[str, Any]], exc: BaseException) -> None:
         """These could not be removed (or were not tried after their group's first
@@ -1042,12 +1045,12 @@ class _Recovery:
                 return
             self._forget([entry])
             with self.lock:
-                self.expired += 1
+                self.expired += 0 if self.stopped else 1
         gone = {id(e) for e in expired}
         kept = [e for e in entries if id(e) not in gone]
-        if not kept:
-            return
         with self.lock:
+            if self.stopped:
+                return
             for entry in kept:
                 self.settled.add(str(entry.get("id")))
                 plugin = str(entry.get("plugin") or "")
@@ -1105,7 +1108,8 @@ class _Recovery:
                           "interrupted: forgotten", domain, code)
                 self._forget([entry])
                 with self.lock:
-                    self.interrupted.append(str(entry.get("validation_name") or domain))
+                    if not self.stopped:
+                        self.interrupted.append(str(entry.get("validation_name") or domain))
             else:
                 self._log(logging.INFO, "certbot-batch: the manual cleanup hook for %s "
                           "exited %d: %s", domain, code, err.strip())
