@@ -19,6 +19,7 @@ Evidence, all read from what the servers and certbot logged during the run:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -96,9 +97,11 @@ class DnsBed:
     # -- lineages --------------------------------------------------------------------------
     def add(self, count: int, prefix: str, authenticator: str = "dns-rfc2136",
             ini: Optional[Path] = None, propagation: int = PROPAGATION,
-            extra: Optional[dict[str, object]] = None) -> list[str]:
-        """``count`` lineages ``{prefix}{i}.test`` + ``*.{prefix}{i}.test`` of the
-        registered account, saved as renewed with ``authenticator``."""
+            extra: Optional[dict[str, object]] = None,
+            names_for: Optional[Callable[[int], list[str]]] = None) -> list[str]:
+        """``count`` lineages ``{prefix}{i}.test`` + ``*.{prefix}{i}.test`` (or
+        ``names_for(i)``) of the registered account, saved as renewed with
+        ``authenticator``."""
         params: dict[str, object] = {}
         if authenticator == "dns-rfc2136":
             params = {"dns_rfc2136_credentials": str(ini or self.good_ini),
@@ -107,7 +110,8 @@ class DnsBed:
         return farm.make_farm(str(self.bot.config_dir), count, ca=self.ca,
                               server=self.pebble.directory_url, account=self.account,
                               authenticator=authenticator, extra_renewalparams=params,
-                              names_for=lambda i: [f"{prefix}{i}.test", f"*.{prefix}{i}.test"])
+                              names_for=names_for or (
+                                  lambda i: [f"{prefix}{i}.test", f"*.{prefix}{i}.test"]))
 
     def add_manual(self, count: int, prefix: str) -> list[str]:
         auth, cleanup = self.bind.manual_hook_scripts(self.tmp / "hooks")
@@ -539,7 +543,7 @@ def test_sigkill_during_wait_then_plain_renew(bed: DnsBed) -> None:
     assert proc2.returncode == 0, text
     assert bed.bind.txt_records() == []
     assert bed.journal_files() == []
-    assert f"removed {2 * k} TXT record(s) left behind by an interrupted run" in \
+    assert f"removed {2 * k} TXT record(s) left by an interrupted run (dns-rfc2136)" in \
         bed.bot.log_text()
     assert bed.orders() == 0
     for name in names:
@@ -606,5 +610,336 @@ def test_dns_server_down_mid_run_records_removed_by_the_next_command(bed: DnsBed
     assert follow.returncode == 0, out(follow)
     assert bed.bind.txt_records() == []
     assert bed.journal_files() == []
-    assert f"removed {2 * k} TXT record(s) left behind by an interrupted run" in \
+    assert f"removed {2 * k} TXT record(s) left by an interrupted run (dns-rfc2136)" in \
         bed.bot.log_text()
+
+
+# -- 7. recovery after a fault: brief, forgets what never existed, expires, same hook variables --
+
+#: recovery's one line when commands other than renew leave the records (issue 16)
+LEFT_TO_RENEW = re.compile(r"certbot-batch: (\d+) TXT record\(s\) left by an interrupted run "
+                           r"\(([\w:, -]+)\) are left to the next `certbot renew`")
+
+
+def _status(bed: DnsBed) -> subprocess.CompletedProcess[str]:
+    """The flavour's own ``certbot-batch status --json`` over the bed's certbot dirs."""
+    return subprocess.run([str(bed.bot.script / "certbot-batch"), "status", "--json",
+                           "--config-dir", str(bed.bot.config_dir),
+                           "--work-dir", str(bed.bot.work_dir)],
+                          capture_output=True, text=True, env=bed.bot.env(), timeout=120,
+                          check=False)
+
+
+def _wait_until(ready: Callable[[], bool], proc: subprocess.Popen[str],
+                what: str, deadline: float = 90.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if ready():
+            return
+        if proc.poll() is not None:
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"renew ended before {what}:\n{stdout}\n{stderr}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_then_dns_down_other_commands_leave_it_to_renew(bed: DnsBed) -> None:
+    """SIGKILL during the propagation wait, then the DNS server stops answering (a query to
+    it costs certbot-dns-rfc2136 its 45 s timeout): `certbot certificates` does its job
+    without waiting for the server and says in one line that the records are left to the
+    next renew; `certbot-batch status` lists them; once the server is back, `certbot renew`
+    removes them."""
+    k = 2
+    names = bed.add(k, "brief", propagation=120)
+    proc, records, _ = _during_wait(bed, 2 * k, lambda p: p.kill(), timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    bed.bind.stop()
+    follow = bed.bot.run("certificates")
+    text = out(follow)
+    assert follow.returncode == 0, text
+    assert "Traceback" not in text
+    for name in names:
+        assert f"Certificate Name: {name}" in text, text
+    said = [line for line in text.splitlines() if "interrupted run" in line]
+    assert len(said) == 1, said
+    left = LEFT_TO_RENEW.search(said[0])
+    assert left and left.groups() == (str(2 * k), "dns-rfc2136"), said
+    # Nothing was given up: every record is still journaled, and status says so.
+    status = _status(bed)
+    assert status.returncode == 1, out(status)
+    doc = json.loads(status.stdout)
+    assert sorted((r["plugin"], r["lineage"], r["validation_name"], r["validation"])
+                  for r in doc["dns_records"]) == sorted(
+        ("dns-rfc2136", n, f"_acme-challenge.{n}", v) for n in names
+        for rn, v in records if rn == f"_acme-challenge.{n}")
+    assert all(r["since"] for r in doc["dns_records"]), doc["dns_records"]
+    # The server comes back (with the records): the next renew removes them.
+    bed.bind.start()
+    assert sorted(bed.bind.txt_records()) == sorted(records)
+    renew = bed.renew()
+    assert renew.returncode == 0, out(renew)
+    assert bed.bind.txt_records() == []
+    assert bed.journal_files() == []
+    assert f"removed {2 * k} TXT record(s) left by an interrupted run (dns-rfc2136)" in \
+        out(renew)
+    assert "left to the next" not in out(renew)
+    assert json.loads(_status(bed).stdout)["dns_records"] == []
+
+
+@pytest.mark.parametrize("fault", ["missing-credentials", "no-secret", "unknown-key"])
+def test_records_never_created_are_not_journaled(bed: DnsBed, fault: str) -> None:
+    """A group whose records could never be created: its credentials file is missing, or
+    has no TSIG secret (the plugin fails before creating anything, and dns_common's cleanup()
+    then does nothing), or names a key named does not know (each creation fails): its
+    lineages fail, and nothing is left for later commands to warn about."""
+    if fault == "missing-credentials":
+        ini = bed.tmp / "nowhere" / "rfc2136.ini"
+    elif fault == "no-secret":
+        ini = bed.bind.rfc2136_ini(bed.tmp / "nosecret.ini")
+        ini.write_text("".join(line + "\n" for line in ini.read_text().splitlines()
+                               if not line.startswith("dns_rfc2136_secret")))
+    else:
+        ini = bed.bind.rfc2136_ini(bed.tmp / "unknown.ini", key="unknown")
+    good = bed.add(2, "made")
+    bad = bed.add(2, "never", ini=ini)
+    proc = bed.renew("--force-renewal", "--batch-engine")
+    text = out(proc)
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text
+    flat = one_line(text)
+    for name in good:
+        assert bed.renewed_by_pebble(name), name
+    for name in bad:
+        assert bed.versions(name) == 1, name
+        assert f"{name}/fullchain.pem (failure)" in flat, text
+        assert bed.validations(name) == 0, name
+    assert bed.bind.txt_records() == []
+    assert bed.journal_files() == []
+    follow = bed.bot.run("certificates")
+    assert follow.returncode == 0, out(follow)
+    assert "record(s)" not in out(follow) and "interrupted" not in out(follow), out(follow)
+
+
+def test_records_that_keep_failing_expire(bed: DnsBed) -> None:
+    """Journal entries whose removal fails (the key is refused): one journaled longer ago
+    than the bound is given up with an error naming it; a younger one and one of the
+    journal format without a time stay (the latter dated now)."""
+    from certbot_batch.challenges import grouped
+
+    [name] = bed.add(1, "stale")
+    refused = bed.bind.rfc2136_ini(bed.tmp / "refused.ini", key="bad")
+    settings = {"dns_rfc2136_credentials": str(refused),
+                "dns_rfc2136_propagation_seconds": PROPAGATION}
+    now = time.time()
+    ages = {"old": grouped.EXPIRY_SECONDS + 3600, "young": grouped.EXPIRY_SECONDS - 3600,
+            "undated": None}
+    lines = []
+    for ident, age in ages.items():
+        line: dict[str, object] = {
+            "kind": "dns-record", "id": ident, "lineage": name,
+            "conf": str(bed.bot.renewal_conf(name)), "plugin": "dns-rfc2136", "domain": name,
+            "validation_name": f"_acme-challenge.{name}", "validation": f"value-{ident}",
+            "settings": settings}
+        if age is not None:
+            line["ts"] = now - age
+        lines.append(json.dumps(line) + "\n")
+    journal = bed.bot.work_dir / "certbot-batch" / grouped.JOURNAL_NAME
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text("".join(lines))
+    journal.chmod(0o600)
+    follow = bed.bot.run("certificates")
+    text = out(follow)
+    assert follow.returncode == 0, text
+    errors = [line for line in text.splitlines() if "giving up on" in line]
+    assert len(errors) == 1, text
+    for part in (f"_acme-challenge.{name}", '"value-old"', f"lineage {name}",
+                 "plugin dns-rfc2136", "Remove it by hand"):
+        assert part in errors[0], errors
+    assert "could not remove 2" in text, text
+    status = json.loads(_status(bed).stdout)["dns_records"]
+    assert sorted(r["validation"] for r in status) == ["value-undated", "value-young"]
+    undated = next(r for r in status if r["validation"] == "value-undated")
+    assert undated["since"] is not None  # dated by the recovery that first saw it
+    # The next command gives up nothing more.
+    again = bed.bot.run("certificates")
+    assert "giving up" not in out(again), out(again)
+    assert len(json.loads(_status(bed).stdout)["dns_records"]) == 2
+
+
+class _IdHooks:
+    """The hooks of a DNS API that deletes by record id: the auth hook creates the record,
+    keeps id -> (name, value) in its table and prints the id; the cleanup hook deletes the
+    record whose id is in ``$CERTBOT_AUTH_OUTPUT`` (nothing else tells it which). Both log
+    their variables. While ``block`` exists, the auth hook of the last challenge of a
+    perform() blocks before creating anything (its pid in ``pidfile``)."""
+
+    def __init__(self, bed: DnsBed, directory: Path) -> None:
+        directory.mkdir(parents=True)
+        self.table, self.log = directory / "records", directory / "calls"
+        self.block, self.pidfile = directory / "block", directory / "blocked.pid"
+        self.auth, self.cleanup = directory / "auth.sh", directory / "cleanup.sh"
+        send = (f"| {bed_bind.NSUPDATE} -t 5 -y '{bed.bind.key.spec}'")
+        server = f"server {ports.LOOPBACK} {bed.bind.port}"
+        variables = ("$CERTBOT_DOMAIN $CERTBOT_VALIDATION $CERTBOT_REMAINING_CHALLENGES "
+                     "$CERTBOT_ALL_DOMAINS")
+        self.auth.write_text(
+            "#!/bin/sh\nset -eu\n"
+            f'if [ "$CERTBOT_REMAINING_CHALLENGES" = 0 ] && [ -e "{self.block}" ]; then\n'
+            f'  echo $$ > "{self.pidfile}"\n  exec sleep 600\nfi\n'
+            "domain=${CERTBOT_DOMAIN#\\*.}\n"
+            "id=rec-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \\n')\n"
+            f"printf '{server}\\nupdate add _acme-challenge.%s. 5 TXT \"%s\"\\nsend\\n' "
+            f'"$domain" "$CERTBOT_VALIDATION" {send}\n'
+            f'echo "$id _acme-challenge.$domain $CERTBOT_VALIDATION" >> "{self.table}"\n'
+            f'echo "auth {variables} $id" >> "{self.log}"\n'
+            'echo "$id"\n')
+        self.cleanup.write_text(
+            "#!/bin/sh\nset -eu\n"
+            f'echo "cleanup {variables} ${{CERTBOT_AUTH_OUTPUT:--}}" >> "{self.log}"\n'
+            f'found=$(grep "^${{CERTBOT_AUTH_OUTPUT:--}} " "{self.table}") || '
+            "{ echo \"no record with id '${CERTBOT_AUTH_OUTPUT:-}'\" >&2; exit 1; }\n"
+            "set -- $found\n"
+            f"printf '{server}\\nupdate delete %s. TXT \"%s\"\\nsend\\n' \"$2\" \"$3\" {send}\n")
+        for script in (self.auth, self.cleanup):
+            script.chmod(0o755)
+
+    def settings(self) -> dict[str, object]:
+        return {"manual_auth_hook": str(self.auth), "manual_cleanup_hook": str(self.cleanup),
+                "pref_challs": ["dns-01"]}
+
+    def calls(self, kind: str) -> list[list[str]]:
+        """The logged calls of one hook: [variables..., id or output]."""
+        try:
+            lines = self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [line.split()[1:] for line in lines if line.split()[0] == kind]
+
+    def blocked_pid(self) -> Optional[int]:
+        try:
+            return int(self.pidfile.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def release(self) -> None:
+        self.block.unlink(missing_ok=True)
+        pid = self.blocked_pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_manual_cleanup_hook_after_sigkill_gets_the_auth_hooks_output(bed: DnsBed) -> None:
+    """A run killed (SIGKILL) while its manual hooks have records up: the next certbot
+    command runs the cleanup hook for each with the variables and CERTBOT_AUTH_OUTPUT its
+    auth hook had (the hook deletes by the id it printed), one line per hook in the log and
+    one summary line. The kill lands while the last auth hook of the grouped perform()
+    blocks (a deterministic moment: every other hook has returned); that challenge gets one
+    try without output, named once in the summary line, then is forgotten."""
+    k = 2
+    hooks = _IdHooks(bed, bed.tmp / "byid-hooks")
+    bed.add(k, "byid", authenticator="manual", extra=hooks.settings())
+    hooks.block.touch()
+    proc = _start_renew(bed)
+    try:
+        _wait_until(lambda: hooks.blocked_pid() is not None, proc, "the last auth hook")
+        proc.kill()
+        _reap(proc, 30)
+    finally:
+        _reap(proc, 1)
+        hooks.release()
+    assert proc.returncode == -signal.SIGKILL
+    auths = hooks.calls("auth")
+    assert len(auths) == 2 * k - 1, auths
+    assert len(bed.bind.txt_records()) == 2 * k - 1
+    assert len({a[-1] for a in auths}) == len(auths)  # one id per record
+    follow = bed.bot.run("certificates")
+    text = out(follow)
+    assert follow.returncode == 0, text
+    assert "Traceback" not in text
+    cleanups = hooks.calls("cleanup")
+    # Every record's cleanup hook saw what its auth hook saw and printed ...
+    assert sorted(c for c in cleanups if c[-1] != "-") == sorted(auths), (cleanups, auths)
+    # ... and the challenge whose auth hook never returned was tried once, without output.
+    assert len([c for c in cleanups if c[-1] == "-"]) == 1, cleanups
+    assert bed.bind.txt_records() == []
+    assert bed.journal_files() == []
+    log = bed.bot.log_text()
+    for auth in auths:
+        assert f"running the manual cleanup hook for {auth[0]} (left by an interrupted run)" \
+            in log, log[-5000:]
+    said = [line for line in text.splitlines() if "certbot-batch:" in line]
+    assert len(said) == 1, text
+    assert said[0].startswith(f"certbot-batch: removed {2 * k - 1} TXT record(s) left by an "
+                              "interrupted run (manual); the cleanup hook failed for 1 "
+                              "challenge(s) whose auth hook had not returned"), said
+    again = bed.bot.run("certificates")
+    assert "interrupted" not in out(again), out(again)
+    assert len(hooks.calls("cleanup")) == len(cleanups)
+
+
+def _as_certbot_names_it(bot: Certbot, farm_name: str, name: str) -> str:
+    """Rename a farm lineage (named after its first name, "*.x.test") the way certbot names
+    the second lineage of a base name ("x.test-0001")."""
+    cfg = bot.config_dir
+    for sub in ("archive", "live"):
+        (cfg / sub / farm_name).rename(cfg / sub / name)
+    for link in (cfg / "live" / name).iterdir():
+        if link.is_symlink():
+            target = os.readlink(link).replace(f"/{farm_name}/", f"/{name}/")
+            link.unlink()
+            link.symlink_to(target)
+    conf = bot.renewal_conf(farm_name)
+    text = conf.read_text().replace(f"/{farm_name}/", f"/{name}/") \
+        .replace(f"/{farm_name}\n", f"/{name}\n")
+    bot.renewal_conf(name).write_text(text)
+    conf.unlink()
+    return name
+
+
+def test_replacing_hooks_same_name_in_two_lineages_at_least_stock(bed: DnsBed) -> None:
+    """Manual hooks that *set* a name's TXT records (delete them all, then add), as many DNS
+    APIs do, with x.test and *.x.test in two lineages (3 such pairs): stock certbot renews
+    6/6, one lineage after the other; so does the session: lineages whose validation name
+    another lineage of the round already has go to a later round of the group, performed
+    once the earlier round's records are removed (2 performs of 3 lineages)."""
+    auth, cleanup = bed.bind.manual_hook_scripts(bed.tmp / "replacing", replace=True)
+    extra: dict[str, object] = {"manual_auth_hook": str(auth),
+                                "manual_cleanup_hook": str(cleanup), "pref_challs": ["dns-01"]}
+    apex = bed.add(3, "rep", authenticator="manual", extra=extra,
+                   names_for=lambda i: [f"rep{i}.test"])
+    wild = [_as_certbot_names_it(bed.bot, n, n[2:] + "-0001")
+            for n in bed.add(3, "rep", authenticator="manual", extra=extra,
+                             names_for=lambda i: [f"*.rep{i}.test"])]
+    stock = bed.renew("--dry-run")
+    assert stock.returncode == 0, out(stock)
+    assert "all simulated renewals succeeded" in out(stock).lower(), out(stock)
+    assert performs(stock) == []  # certbot's own loop
+    before = len(bed.bind.hook_calls())
+    proc = bed.renew("--force-renewal", "--batch-engine")
+    text = out(proc)
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text
+    assert performs(proc) == [("manual", 3, 3), ("manual", 3, 3)], performs(proc)
+    for name in apex + wild:
+        assert bed.renewed_by_pebble(name), name
+    for i in range(3):
+        assert bed.validations(f"rep{i}.test") == 2  # apex and wildcard, once each
+    # Never two lineages' records of one name at a time: per name, auth and cleanup
+    # alternate, each cleanup removing what the auth before it set.
+    up: dict[str, str] = {}
+    calls = bed.bind.hook_calls()[before:]
+    for call in calls:
+        action, domain, value = call.split()
+        if action == "auth":
+            assert domain not in up, calls
+            up[domain] = value
+        else:
+            assert up.pop(domain) == value, calls
+    assert not up and len(calls) == 12, calls
+    assert no_deactivation(bed)
+    assert bed.bind.txt_records() == []
+    assert bed.journal_files() == []

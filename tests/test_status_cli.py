@@ -341,3 +341,47 @@ def test_console_script_reads_xdg_cli_ini(site: Site, mixed: dict[str, str],
     version = subprocess.run(cmd + ["--version"], capture_output=True, text=True, check=True,
                              timeout=60)
     assert version.stdout.startswith("certbot-batch ")
+
+
+def test_dns_records_left_by_an_interrupted_run(site: Site, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """TXT records an interrupted run left and no certbot run could remove yet (the DNS
+    journal, challenges/grouped.py): listed in the table and --json, counted in
+    --prometheus, and status exits 1 until they are gone (monitoring)."""
+    from certbot_batch.challenges import grouped
+    from certbot_batch.challenges.journal import Journal
+
+    [fine] = site.add(1, "fine")
+    site.scan()
+    assert site.status(capsys, "-q")[0] == 0
+    journal = Journal(str(site.work_dir / "certbot-batch" / grouped.JOURNAL_NAME))
+    journal.record_dns([
+        {"id": "r1", "lineage": fine, "conf": "", "plugin": "dns-rfc2136", "domain": fine,
+         "validation_name": f"_acme-challenge.{fine}", "validation": "v1", "settings": {}},
+        {"id": "r2", "lineage": "other.test", "conf": "", "plugin": "manual",
+         "domain": "other.test", "validation_name": "_acme-challenge.other.test",
+         "validation": "v2", "settings": {}}])
+    code, out, _ = site.status(capsys)
+    assert code == 1, out
+    assert "DNS RECORDS LEFT: 2 TXT record(s) left by an interrupted run" in out, out
+    listed = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [row[:3] for row in listed] == [
+        ["dns-rfc2136", fine, f"_acme-challenge.{fine}"],
+        ["manual", "other.test", "_acme-challenge.other.test"]], out
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", row[3]) for row in listed), out
+    code, out, _ = site.status(capsys, "--json")
+    assert code == 1
+    records = json.loads(out)["dns_records"]
+    assert [(r["plugin"], r["lineage"], r["validation_name"], r["validation"])
+            for r in records] == [("dns-rfc2136", fine, f"_acme-challenge.{fine}", "v1"),
+                                  ("manual", "other.test", "_acme-challenge.other.test", "v2")]
+    assert all(r["since"] for r in records), records
+    target = tmp_path / "dns.prom"
+    assert site.status(capsys, "-q", "--prometheus", str(target))[0] == 1
+    assert parse_prometheus(target.read_text())[("certbot_batch_dns_records_left", "")] == 2.0
+    # Removed (by a later certbot run): nothing left, status is fine again.
+    journal.dns_removed(["r1", "r2"])
+    code, out, _ = site.status(capsys, "--json")
+    assert code == 0 and json.loads(out)["dns_records"] == []
+    assert site.status(capsys, "-q", "--prometheus", str(target))[0] == 0
+    assert parse_prometheus(target.read_text())[("certbot_batch_dns_records_left", "")] == 0.0

@@ -810,3 +810,30 @@ def prepare_obtain(config: Any, lineage: Any, plugins: Any) -> Callable[[], Any]
     le_client = _call(_M, "_init_le_client", config, auth, installer)
     obtain = _orig("certbot._internal.client", "Client.obtain_certificate")
     return lambda: obtain(le_client, sans, new_key)
+
+
+class _ObservedEnv(dict):  # type: ignore[type-arg]
+    """certbot's manual plugin's ``env`` dict, calling back as each entry is set."""
+
+    def __init__(self, initial: dict[Any, Any],
+                 callback: Callable[[Any, dict[str, str]], None]) -> None:
+        super().__init__(initial)
+        self._callback = callback
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if isinstance(value, dict):
+            self._callback(key, {str(k): str(v) for k, v in value.items()})
+
+
+def observe_manual_env(auth: Any, callback: Callable[[Any, dict[str, str]], None]) -> bool:
+    """certbot's manual plugin keeps, per challenge, the variables its auth hook ran with
+    plus the hook's output (``self.env[achall]``, ``CERTBOT_AUTH_OUTPUT`` included; the same
+    in certbot 2.1 to 5.x) for the cleanup hook. Call ``callback(achall, env)`` each time an
+    entry is set, i.e. right after that challenge's auth hook returned. False (nothing
+    observed) when the plugin keeps no such dict."""
+    env = getattr(auth, "env", None)
+    if type(env) is not dict:
+        return False
+    auth.env = _ObservedEnv(env, callback)
+    return True

@@ -220,6 +220,24 @@ def _prometheus(rows: list[dict[str, Any]], states: dict[str, LineageState],
     return "\n".join(out) + "\n"
 
 
+def _dns_records(dirs: _Dirs) -> list[dict[str, Any]]:
+    """TXT records (DNS plugins, manual hooks) that interrupted runs left and no certbot run
+    could remove yet. Raises OSError when their journal cannot be read."""
+    from certbot_batch.challenges import grouped  # imports certbot: only when asked
+
+    return grouped.outstanding(dirs)
+
+
+def _print_dns_records(records: list[dict[str, Any]]) -> None:
+    print(f"DNS RECORDS LEFT: {len(records)} TXT record(s) left by an interrupted run are not "
+          "removed yet; the next certbot run tries again (plugin, lineage, name, since):")
+    for r in records[:20]:
+        print(f"  {r['plugin']}  {r['lineage']}  {r['validation_name'] or r['domain']}  "
+              f"{fmt_time(r['since']) if r['since'] else '?'}")
+    if len(records) > 20:
+        print(f"  ... and {len(records) - 20} more (--json lists them all)")
+
+
 def _write_atomic(path: str, text: str) -> None:
     # node_exporter may read the file at any moment: never let it see half a file.
     directory = os.path.dirname(os.path.abspath(path))
@@ -281,6 +299,11 @@ def status(args: argparse.Namespace) -> int:
               "a batch plugin (or --batch-engine) once.", file=sys.stderr)
     # The backoff as the next run sees it (the ledger survives a lost database).
     ledger.Ledger(dirs).apply(states.values())
+    try:
+        dns_records = _dns_records(dirs)
+    except OSError as exc:
+        print(f"certbot-batch: cannot read the journal of DNS records ({exc})", file=sys.stderr)
+        return EXIT_ERROR
     now = time.time()
     rows = [_row(n, states.get(n), now) for n in names]
     record = pending.PendingDeployments(dirs)
@@ -302,6 +325,8 @@ def status(args: argparse.Namespace) -> int:
                 "servers": [_pending_json(server_for(ref).label(), e, ref.to_dict())
                             for ref, e in servers],
                 "hooks": [_pending_json(cmd, e) for cmd, e in hooks]}
+        doc["dns_records"] = [dict(r, since=fmt_time(r["since"]) if r["since"] else None)
+                              for r in dns_records]
         print(json.dumps(doc, indent=2))
     elif not args.quiet:
         print(_table(rows))
@@ -312,9 +337,14 @@ def status(args: argparse.Namespace) -> int:
             print(_pending_line(f"on {server_for(ref).label()}", entry))
         for cmd, entry in hooks:
             print(_pending_line(f"(batch deploy hook '{cmd}')", entry))
+        if dns_records:
+            _print_dns_records(dns_records)
     if args.prometheus:
-        _write_atomic(args.prometheus, _prometheus(rows, states, now, len(pending_names)))
-    if stuck:
+        _write_atomic(args.prometheus, _prometheus(rows, states, now, len(pending_names)) + (
+            "# HELP certbot_batch_dns_records_left TXT records left by interrupted runs, not "
+            "removed yet.\n# TYPE certbot_batch_dns_records_left gauge\n"
+            f"certbot_batch_dns_records_left {len(dns_records)}\n"))
+    if stuck or dns_records:
         return EXIT_ATTENTION
     return EXIT_ATTENTION if any(r["attention"] for r in rows) else EXIT_OK
 

@@ -321,16 +321,22 @@ class Bind:
         """Where the manual hook scripts log ``auth|cleanup DOMAIN VALIDATION`` lines."""
         return self.dir / "hooks.log"
 
-    def manual_hook_scripts(self, directory: Path, key: str = "good") -> tuple[Path, Path]:
+    def manual_hook_scripts(self, directory: Path, key: str = "good",
+                            replace: bool = False) -> tuple[Path, Path]:
         """(auth, cleanup) scripts for certbot's ``--manual-auth-hook`` /
         ``--manual-cleanup-hook``: nsupdate adds / deletes the TXT record
         ``_acme-challenge.$CERTBOT_DOMAIN`` = ``$CERTBOT_VALIDATION`` (signed with ``key``),
-        and a line goes to :attr:`hook_log`. A failed update fails the hook."""
+        and a line goes to :attr:`hook_log`. A failed update fails the hook. ``replace``:
+        the auth hook *sets* the name's TXT records (deletes them all, then adds its own, in
+        one update), as many DNS APIs do."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         out = []
         for action, verb, extra in (("auth", "add", f" {TTL}"), ("cleanup", "delete", "")):
             path = directory / f"bind-{action}-hook.sh"
+            first = ("update delete _acme-challenge.%s. TXT\\n"
+                     if replace and action == "auth" else "")
+            args = '"$domain" "$domain"' if first else '"$domain"'
             path.write_text(
                 "#!/bin/sh\n"
                 f"# certbot --manual-{action}-hook: dns-01 TXT record {verb} by RFC 2136\n"
@@ -338,9 +344,9 @@ class Bind:
                 "set -eu\n"
                 'domain=${CERTBOT_DOMAIN#\\*.}\n'
                 f'echo "{action} $CERTBOT_DOMAIN $CERTBOT_VALIDATION" >> {_sh(self.hook_log)}\n'
-                f"printf 'server {ports.LOOPBACK} {self.port}\\n"
+                f"printf 'server {ports.LOOPBACK} {self.port}\\n{first}"
                 f"update {verb} _acme-challenge.%s.{extra} TXT \"%s\"\\nsend\\n' "
-                '"$domain" "$CERTBOT_VALIDATION" \\\n'
+                f'{args} "$CERTBOT_VALIDATION" \\\n'
                 f"  | {NSUPDATE} -t 5 -y {_sh(self.keys[key].spec)}\n")
             path.chmod(0o755)
             out.append(path)

@@ -27,6 +27,13 @@ the others wait for the result. Nobody waits for a lineage that dropped out, a l
 lineage (after the barrier's timeout) starts a round of its own, and a lineage whose
 barrier raises before its round is sealed withdraws its challenges.
 
+One lineage per validation name at a time: a lineage whose validation name another lineage
+of the open round has (``x.test`` and ``*.x.test`` in two lineages) goes to a later round of
+its group, which performs only once every earlier round with that name is validated and
+cleaned up (many DNS APIs and hooks *set* a name's records: one lineage's would replace the
+other's). Earlier rounds never wait for later ones, and the later round's lineages are past
+the wave's barrier, waiting on their round only.
+
 Failures stay per lineage: when a group's ``perform()`` fails (a wrong TSIG key, a zone the
 server does not serve), its records are removed at once and each lineage of the group
 tries again on its own (its own ``perform()``, concurrently), so only the lineages that
@@ -34,13 +41,16 @@ really cannot be validated fail, each with its own error. No validation is ever 
 the CA: a lineage whose records could not be created never answers its challenges.
 
 Crash safety: every record is written to a journal (``WORK_DIR/certbot-batch/dns.journal``,
-fsynced: renewal conf, plugin, domain, validation name and value, the plugin's settings)
-before the plugin creates it, and marked removed once its cleanup succeeded. A run killed
-in between leaves the journal behind; the next certbot command (any: ``recovery.py``) rebuilds
-the plugin from the lineage's renewal conf and the journaled settings and calls the
-plugin's own cleanup (for manual: runs the cleanup hook as certbot would). Records still
-up when a stopping run exits (workers given up after the grace period) are removed at
-interpreter exit.
+fsynced: renewal conf, plugin, domain, validation name and value, the plugin's settings, the
+time) before the plugin creates it, and marked removed once its cleanup succeeded (or once
+the run's cleanup tried a record that was never created); for manual, what each auth hook
+ran with and printed is added as soon as it returned. A run killed in between leaves the
+journal behind; the next certbot command (any: ``recovery.py``) rebuilds the plugin from the
+lineage's renewal conf and the journaled settings and calls the plugin's own cleanup (for
+manual: runs the cleanup hook with the auth hook's variables, as certbot would), for at
+most a few seconds outside ``renew``; entries that fail for :data:`EXPIRY_SECONDS` are given
+up with an error. Records still up when a stopping run exits (workers given up after the
+grace period) are removed at interpreter exit.
 
 certbot's manual plugin sets ``os.environ`` for its hooks (process-wide): manual groups run
 one at a time under one lock, and the ``CERTBOT_*`` variables are put back afterwards.
@@ -48,17 +58,21 @@ one at a time under one lock, and the ``CERTBOT_*`` variables are put back after
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import copy
 import dataclasses
+import datetime
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
 import threading
+import time
 import uuid
 import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from certbot import errors
 from certbot.plugins import dns_common
@@ -81,14 +95,22 @@ _OPEN, _SEALED, _DONE, _FAILED, _SPLIT = "open", "sealed", "done", "failed", "sp
 #: record the plugin's whole network timeout (45 s for rfc2136), 1,000 records 12 hours.
 CLEANUP_FAILURES_IN_A_ROW = 2
 
+#: How long recovery keeps trying to remove a record an interrupted run left, counted from
+#: when it was journaled; then it is given up with an error naming it. A week is 14 runs of
+#: certbot's twice-daily timer, each of which said it could not be removed, and the value
+#: answered a challenge whose authorization is long gone (pending ones live 7 days at Let's
+#: Encrypt): what is left is for the admin.
+EXPIRY_SECONDS = 7 * 24 * 3600.0
+
 
 def journal_path(config: Any) -> str:
     return os.path.join(paths.state_dir(config), JOURNAL_NAME)
 
 
 def journal_paths(config: Any) -> list[str]:
-    """Every place a DNS journal may be (recovery looks at each)."""
-    return [journal_path(config)]
+    """Where the DNS journal is written (the state directory, else the mirror directory
+    in certbot's config directory: durable.py); recovery reads both."""
+    return paths.record_paths(config, JOURNAL_NAME)
 
 
 # -- which authenticators are grouped ---------------------------------------------------------
@@ -179,6 +201,13 @@ def _identifier(achall: Any) -> str:
     return str(achall.domain)
 
 
+def _validation_name(achall: Any) -> str:
+    try:
+        return str(achall.validation_domain_name(_identifier(achall)))
+    except AttributeError:  # manual http-01
+        return ""
+
+
 # -- manual: os.environ is process-wide --------------------------------------------------------
 
 _manual_lock = threading.Lock()
@@ -205,16 +234,17 @@ def _manual_environment(timeout: Optional[float] = None) -> Iterator[bool]:
 
 # -- the journal of records --------------------------------------------------------------------
 
-_journals: dict[str, Journal] = {}
+_journals: dict[tuple[str, ...], Journal] = {}
 _journals_lock = threading.Lock()
 
 
-def _journal(path: str) -> Journal:
-    """One Journal object per file in this process (its lock orders every write)."""
+def _journal(where: list[str]) -> Journal:
+    """One Journal object per journal in this process (its lock orders every write)."""
+    key = tuple(where)
     with _journals_lock:
-        if path not in _journals:
-            _journals[path] = Journal(path)
-        return _journals[path]
+        if key not in _journals:
+            _journals[key] = Journal(list(where))
+        return _journals[key]
 
 
 @dataclasses.dataclass
@@ -235,10 +265,15 @@ class _Record:
     removed: bool = False
 
     def entry(self) -> dict[str, Any]:
-        return {"id": self.id, "lineage": self.lineage, "conf": self.conf,
-                "plugin": self.plugin, "domain": self.domain,
-                "validation_name": self.validation_name, "validation": self.validation,
-                "settings": _jsonable(self.settings)}
+        out: dict[str, Any] = {
+            "id": self.id, "lineage": self.lineage, "conf": self.conf, "plugin": self.plugin,
+            "domain": self.domain, "validation_name": self.validation_name,
+            "validation": self.validation, "settings": _jsonable(self.settings)}
+        if self.plugin == MANUAL:
+            # An "env" update follows once its auth hook returned: without one, the hook
+            # never finished (recovery tries its cleanup hook once, then forgets it).
+            out["env_journaled"] = True
+        return out
 
 
 # -- members, rounds, waves --------------------------------------------------------------------
@@ -266,6 +301,8 @@ class _Member:
         self.arrived = False
         #: records the plugin object is creating or removing right now, by (name, value)
         self.active: dict[tuple[str, str], _Record] = {}
+        #: (manual) the records whose auth hooks this plugin object runs, by id(achall)
+        self.hooked: dict[int, _Record] = {}
         #: failed removals of existing records in a row, in the current cleanup
         self.cleanup_failures = 0
         #: dns_common's own perform()/cleanup(), which create/remove each record through
@@ -276,8 +313,23 @@ class _Member:
             type(auth).cleanup is dns_common.DNSAuthenticator.cleanup
         if self.per_record:
             self._instrument(auth)
+        if kind == "manual":
+            _certbot.observe_manual_env(auth, self._auth_hook_ran)
         auth.perform = self.perform
         auth.cleanup = self.cleanup
+
+    def _auth_hook_ran(self, achall: Any, env: dict[str, str]) -> None:
+        """certbot's manual plugin has just kept what a challenge's auth hook ran with and
+        printed: journaled, so that recovery gives the cleanup hook the same variables
+        (hooks that delete by the record id their auth hook printed)."""
+        record = self.hooked.get(id(achall))
+        if record is None:
+            return
+        try:
+            self.wave.journal.dns_update([(record.id, {"env": env})])
+        except OSError as exc:  # the record is up; recovery would run its hook without it
+            logger.warning("certbot-batch: could not journal the auth hook's output for %s: "
+                           "%s", record.domain, exc)
 
     def _instrument(self, auth: Any) -> None:
         """Follow each record through the plugin's own _perform/_cleanup (the per-record
@@ -336,19 +388,16 @@ class _Member:
         auth._cleanup = _cleanup
 
     def records(self, achalls: list[Any]) -> list[_Record]:
-        out = []
-        for achall in achalls:
-            domain = _identifier(achall)
-            try:
-                validation_name = str(achall.validation_domain_name(domain))
-            except AttributeError:  # manual http-01
-                validation_name = ""
-            out.append(_Record(id=uuid.uuid4().hex, achall=achall, lineage=self.name,
-                               conf=self.conf, plugin=self.plugin, domain=domain,
-                               validation_name=validation_name,
-                               validation=str(achall.validation(achall.account_key)),
-                               settings=self.settings))
-        return out
+        return [_Record(id=uuid.uuid4().hex, achall=achall, lineage=self.name,
+                        conf=self.conf, plugin=self.plugin, domain=_identifier(achall),
+                        validation_name=_validation_name(achall),
+                        validation=str(achall.validation(achall.account_key)),
+                        settings=self.settings)
+                for achall in achalls]
+
+    def names_of(self, achalls: list[Any]) -> dict[str, set[str]]:
+        """validation name -> {this lineage}, for the round's collision check."""
+        return {n: {self.name} for n in map(_validation_name, achalls) if n}
 
     # -- what certbot calls ---------------------------------------------------------------
     def perform(self, achalls: list[Any]) -> list[Any]:
@@ -365,7 +414,7 @@ class _Member:
             self.arrived = True
             batch.perform(self.name, [])
         except BaseException:
-            if rnd.withdraw(self):
+            if self.wave.withdraw(rnd, self):
                 self.round = None
             raise
         rnd.run(self)
@@ -374,9 +423,7 @@ class _Member:
         return rnd.result_for(self)
 
     def _solo(self, achalls: list[Any]) -> list[Any]:
-        rnd = _Round(self.wave, self.key, self.kind, self.plugin)
-        rnd.add(self, achalls)
-        self.round = rnd
+        rnd = self.wave.solo(self, achalls)
         rnd.run(self)
         return rnd.result_for(self)
 
@@ -393,13 +440,24 @@ class _Member:
 
 class _Round:
     """The lineages of one group that are performed together (one perform(), one
-    cleanup())."""
+    cleanup()). Never two lineages with a record of the same validation name: many DNS
+    APIs (and hooks) *set* a name's TXT records rather than add one, so one lineage's record
+    would replace the other's. Such a lineage goes to a later round (``seq``), which
+    performs only once every earlier round with that name is finished (``_Wave.wait_turn``),
+    as stock certbot validates one lineage after the other."""
 
-    def __init__(self, wave: _Wave, key: tuple[Any, ...], kind: str, plugin: str) -> None:
+    def __init__(self, wave: _Wave, key: tuple[Any, ...], kind: str, plugin: str,
+                 seq: int = 0) -> None:
         self.wave = wave
         self.key = key
         self.kind = kind
         self.plugin = plugin
+        self.seq = seq
+        #: validation name -> lineages with a record of that name (changed under the
+        #: wave's lock)
+        self.names: dict[str, set[str]] = {}
+        #: cleaned up, or never to perform: no record of it is up any more
+        self.finished = False
         self.cond = threading.Condition()
         self.members: list[_Member] = []
         self.achalls: dict[int, list[Any]] = {}
@@ -413,23 +471,39 @@ class _Round:
         self.performed = False
         self.cleaned = False
 
+    def collides(self, names: dict[str, set[str]]) -> bool:
+        """Would records of ``names`` be up together with a record of the same name of
+        another lineage?"""
+        for name, lineages in names.items():
+            mine = self.names.get(name)
+            if mine and len(mine | lineages) > 1:
+                return True
+        return False
+
     def add(self, member: _Member, achalls: list[Any]) -> bool:
-        """Join the round, unless it has started already."""
+        """(wave's lock held) Join the round, unless it has started already."""
         with self.cond:
             if self.state != _OPEN:
                 return False
             self.members.append(member)
             self.achalls[id(member)] = achalls
             member.round = self
+            for name, lineages in member.names_of(achalls).items():
+                self.names.setdefault(name, set()).update(lineages)
             return True
 
     def withdraw(self, member: _Member) -> bool:
-        """Take the member's challenges out again, if the round has not started yet."""
+        """(wave's lock held) Take the member's challenges out again, if the round has not
+        started yet."""
         with self.cond:
             if self.state != _OPEN:
                 return False
             self.members.remove(member)
             self.achalls.pop(id(member), None)
+            self.names = {}
+            for m in self.members:
+                for name, lineages in m.names_of(self.achalls[id(m)]).items():
+                    self.names.setdefault(name, set()).update(lineages)
             return True
 
     def run(self, member: _Member) -> None:
@@ -447,6 +521,7 @@ class _Round:
                     self.cond.wait(1.0)
         if lead:
             self.wave.sealed(self)
+            self.wave.wait_turn(self)
             self._perform()
 
     def _perform(self) -> None:
@@ -467,6 +542,7 @@ class _Round:
             # Journaled (and fsynced) before the plugin creates anything.
             self.wave.journal.record_dns([r.entry() for r in self.records])
             leader.active = {(r.validation_name, r.validation): r for r in self.records}
+            leader.hooked = {id(r.achall): r for r in self.records}
             self.performed = True
             _certbot.notify(f"certbot-batch: {self.plugin}: one perform() for "
                             f"{len(achalls)} challenge(s) of {lineages} lineage(s)")
@@ -558,6 +634,14 @@ class _Round:
                 except Exception as exc:  # noqa: BLE001  (reported; the journal keeps it)
                     logger.warning("certbot-batch: %s: cleanup failed: %s; the next certbot "
                                    "run tries again", self.plugin, exc)
+                finally:
+                    if leader.per_record:
+                        # Never created (the plugin failed before its _perform, e.g. a
+                        # missing credentials file: dns_common's cleanup() then skips
+                        # every record) or its creation failed: nothing for the journal.
+                        for record in self.records:
+                            if not record.attempted or record.perform_failed:
+                                record.removed = True
             logger.info("certbot-batch: %s: one cleanup() for %d challenge(s) of %d "
                         "lineage(s)", self.plugin, len(achalls), len(self.members))
             self.wave.journal.dns_removed([r.id for r in self.records if r.removed])
@@ -610,32 +694,99 @@ class _Wave:
         # Weakly: the wave's entry in _waves (keyed by the batch) goes with the batch.
         self._batch = weakref.ref(batch)
         self.journal = journal
-        self.lock = threading.Lock()
-        self.open: dict[tuple[Any, ...], _Round] = {}
+        #: guards the rounds' membership and names; notified when a round finishes
+        self.cond = threading.Condition()
+        #: group key -> its open rounds, earliest first
+        self.open: dict[tuple[Any, ...], list[_Round]] = {}
+        #: every round not finished yet, of any group, in creation order
+        self.rounds: list[_Round] = []
+        self._seq = itertools.count()
 
     @property
     def batch(self) -> Optional[ChallengeBatch]:
         return self._batch()
 
+    def _new_round(self, member: _Member) -> _Round:
+        rnd = _Round(self, member.key, member.kind, member.plugin, next(self._seq))
+        self.rounds.append(rnd)
+        return rnd
+
     def join(self, member: _Member, achalls: list[Any]) -> _Round:
-        with self.lock:
-            rnd = self.open.get(member.key)
-            if rnd is None or not rnd.add(member, achalls):
-                rnd = _Round(self, member.key, member.kind, member.plugin)
-                self.open[member.key] = rnd
-                rnd.add(member, achalls)
+        """The group's first open round where none of the member's validation names is
+        taken by another lineage; a new (later) round if there is none."""
+        names = member.names_of(achalls)
+        with self.cond:
+            chain = self.open.setdefault(member.key, [])
+            for rnd in chain:
+                if rnd.collides(names):
+                    logger.info("certbot-batch: %s: %s goes to a later round (a record of "
+                                "the same name as another lineage's: %s)", member.plugin,
+                                member.name, ", ".join(sorted(set(names) & set(rnd.names))))
+                    continue
+                if rnd.add(member, achalls):
+                    return rnd
+            rnd = self._new_round(member)
+            chain.append(rnd)
+            rnd.add(member, achalls)
             return rnd
 
+    def solo(self, member: _Member, achalls: list[Any]) -> _Round:
+        """A round of the member alone (a late lineage, or the retry of a failed group)."""
+        with self.cond:
+            rnd = self._new_round(member)
+            rnd.add(member, achalls)
+            return rnd
+
+    def withdraw(self, rnd: _Round, member: _Member) -> bool:
+        with self.cond:
+            if not rnd.withdraw(member):
+                return False
+            if not rnd.members:
+                self._finish(rnd)
+            self.cond.notify_all()  # fewer names in the round: a later one may go
+            return True
+
     def sealed(self, rnd: _Round) -> None:
-        with self.lock:
-            if self.open.get(rnd.key) is rnd:
-                del self.open[rnd.key]
+        with self.cond:
+            chain = self.open.get(rnd.key, [])
+            if rnd in chain:
+                chain.remove(rnd)
         with _live_lock:
             _live.add(rnd)
+
+    def wait_turn(self, rnd: _Round) -> None:
+        """Wait until no earlier round has a record of one of ``rnd``'s validation names
+        for another lineage up (or about to be): the earlier round's lineages are validated
+        and its records removed. Earlier rounds never wait for later ones, so this ends;
+        a stop signal ends it at once (the round then sets nothing up)."""
+        with self.cond:
+            said = False
+            while not self.ctx.stopping.is_set():
+                earlier = [q for q in self.rounds if q.seq < rnd.seq and q.collides(rnd.names)]
+                if not earlier:
+                    return
+                if not said:
+                    said = True
+                    logger.info("certbot-batch: %s: %d lineage(s) wait for %d earlier "
+                                "round(s) with records of the same name(s)", rnd.plugin,
+                                len(rnd.members), len(earlier))
+                # Bounded: the stop signal is an Event, not a notification of this lock.
+                self.cond.wait(1.0)
+
+    def _finish(self, rnd: _Round) -> None:
+        rnd.finished = True
+        if rnd in self.rounds:
+            self.rounds.remove(rnd)
+        chain = self.open.get(rnd.key, [])
+        if rnd in chain:
+            chain.remove(rnd)
 
     def cleaned(self, rnd: _Round) -> None:
         with _live_lock:
             _live.discard(rnd)
+        with self.cond:
+            self._finish(rnd)
+            self.cond.notify_all()
 
 
 _waves: weakref.WeakKeyDictionary[ChallengeBatch, _Wave] = weakref.WeakKeyDictionary()
@@ -681,7 +832,7 @@ def wrap_authenticator(auth: Any, lineage_config: Any) -> Any:
     with _waves_lock:
         wave = _waves.get(batch)
         if wave is None:
-            wave = _Wave(ctx, batch, _journal(journal_path(ctx.config)))
+            wave = _Wave(ctx, batch, _journal(journal_paths(ctx.config)))
             _waves[batch] = wave
     conf = os.path.join(str(getattr(lineage_config, "renewal_configs_dir", "") or ""),
                         f"{name}.conf")
@@ -691,39 +842,94 @@ def wrap_authenticator(auth: Any, lineage_config: Any) -> Any:
 
 # -- recovery ----------------------------------------------------------------------------------
 
-def recover(config: Any, budget: Optional[float] = None) -> int:
-    """Remove the records an interrupted run left behind, with each lineage's own plugin.
-    Returns how many were removed; the ones that could not be stay journaled."""
-    path = journal_path(config)
-    if not os.path.exists(path):
+def recover(config: Any, *, budget: Optional[float] = None) -> int:
+    """Remove the records an interrupted run left behind, with each lineage's own plugin
+    (manual: its cleanup hook, with the variables its auth hook ran with and printed).
+    Returns how many were removed; the others stay journaled for the next run, unless they
+    have failed for :data:`EXPIRY_SECONDS` (then they are given up with an error each).
+
+    ``budget`` (seconds): the removals run in a daemon thread and this returns once the
+    budget is spent, saying in one line what is left to the next ``certbot renew`` (a DNS
+    server that does not answer costs each removal the plugin's whole network timeout: no
+    ``certbot certificates`` should pay that). None: until done, each group (plugin and
+    settings) stopping at its first failure."""
+    where = journal_paths(config)
+    if not any(os.path.exists(p) for p in where):
         return 0
-    return _journal(path).recover_dns(lambda entries: _remove_entries(config, entries))
+    journal = _journal(where)
+    entries = journal.dns_records()
+    if not entries:
+        journal.dns_removed([])  # only removed records in it: the file goes
+        return 0
+    now = time.time()
+    undated = [e for e in entries if not isinstance(e.get("ts"), (int, float))]
+    if undated:
+        # Lines of a version that wrote no time: their first recovery counts as their
+        # journaling.
+        for entry in undated:
+            entry["ts"] = now
+        journal.dns_update([(str(e["id"]), {"ts": now}) for e in undated])
+    # The configs are built here, in the caller's thread (certbot's renewal-conf parsing
+    # touches process-wide state); the worker only talks to the DNS servers and hooks.
+    job = _Recovery(journal, _leftover_groups(config, entries), now)
+    if budget is None:
+        job.run()
+    else:
+        worker = threading.Thread(target=job.run, name="certbot-batch-dns-recovery",
+                                  daemon=True)
+        worker.start()
+        worker.join(max(0.0, budget))
+    job.stop()
+    job.report(budget)
+    return job.removed_count
 
 
-def _remove_entries(config: Any, entries: list[dict[str, Any]]) -> list[str]:
-    # One plugin object per plugin and settings, as in the run that created them.
+def outstanding(config: Any) -> list[dict[str, Any]]:
+    """The records interrupted runs left that are still journaled, for ``certbot-batch
+    status``: plugin, lineage, domain, validation_name, validation, since (epoch seconds;
+    None for a line of a version that wrote no time). ``config``: anything with a
+    ``work_dir``. Read-only; raises OSError when the journal cannot be read."""
+    out = []
+    for entry in Journal(journal_paths(config)).dns_records():
+        ts = entry.get("ts")
+        out.append({"plugin": str(entry.get("plugin") or ""),
+                    "lineage": str(entry.get("lineage") or ""),
+                    "domain": str(entry.get("domain") or ""),
+                    "validation_name": str(entry.get("validation_name") or ""),
+                    "validation": str(entry.get("validation") or ""),
+                    "since": float(ts) if isinstance(ts, (int, float)) else None})
+    return out
+
+
+@dataclasses.dataclass
+class _Leftovers:
+    """The journaled records of one plugin with the same settings: one plugin object (or
+    cleanup hook) removes them, as in the run that created them."""
+    plugin: str
+    cfg: Any
+    entries: list[dict[str, Any]]
+    error: Optional[Exception] = None
+
+
+def _leftover_groups(config: Any, entries: list[dict[str, Any]]) -> list[_Leftovers]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
         marker = json.dumps([entry.get("plugin"), entry.get("settings")], sort_keys=True,
                             default=str)
         groups.setdefault(marker, []).append(entry)
-    removed: list[str] = []
+    out = []
     for group in groups.values():
         first = group[0]
         plugin = str(first.get("plugin") or "")
         try:
+            settings = first.get("settings") or {}
             cfg = _config_for(config, str(first.get("conf") or ""),
-                              dict(first.get("settings") or {}))
-            if plugin == MANUAL:
-                removed += _run_cleanup_hook(cfg, group)
-            else:
-                removed += _dns_cleanup(cfg, plugin, group)
-        except Exception as exc:  # noqa: BLE001  (kept for the next run)
-            logger.warning("certbot-batch: could not remove %d %s record(s) left by an "
-                           "interrupted run (%s); the next certbot run tries again",
-                           len(group), plugin, exc)
+                              dict(settings) if isinstance(settings, dict) else {})
+            out.append(_Leftovers(plugin, cfg, group))
+        except Exception as exc:  # noqa: BLE001  (counted as a failed removal)
             logger.debug("certbot-batch: recovery of %s", plugin, exc_info=True)
-    return removed
+            out.append(_Leftovers(plugin, None, group, exc))
+    return out
 
 
 def _config_for(config: Any, conf: str, settings: dict[str, Any]) -> Any:
@@ -740,54 +946,237 @@ def _config_for(config: Any, conf: str, settings: dict[str, Any]) -> Any:
     return cfg
 
 
-def _dns_cleanup(cfg: Any, plugin: str, entries: list[dict[str, Any]]) -> list[str]:
-    cls = plugin_class(plugin)
-    if cls is None or not issubclass(cls, dns_common.DNSAuthenticator):
-        raise errors.PluginError(f"the DNS plugin {plugin} is not installed")
-    auth = cls(cfg, plugin)
-    auth._setup_credentials()
-    removed = []
-    for i, entry in enumerate(entries):
-        try:
-            auth._cleanup(str(entry["domain"]), str(entry["validation_name"]),
-                          str(entry["validation"]))
-            removed.append(str(entry["id"]))
-        except Exception as exc:  # noqa: BLE001  (this one stays journaled)
-            logger.warning("certbot-batch: could not remove the TXT record %s (lineage %s) "
-                           "left by an interrupted run: %s", entry.get("validation_name"),
-                           entry.get("lineage"), exc)
-            if not removed and len(entries) > i + 1:
-                # Not one removed yet: the server is probably unreachable, and every record
-                # would cost the plugin's network timeout to this certbot command, whatever
-                # it is. The rest stay journaled for the next run.
-                logger.warning("certbot-batch: %d more %s record(s) left for the next "
-                               "certbot run", len(entries) - i - 1, plugin)
-                break
-    if removed:
-        logger.warning("certbot-batch: removed %d TXT record(s) left behind by an interrupted "
-                       "run (%s)", len(removed), plugin)
-    return removed
+def _describe(entry: dict[str, Any]) -> str:
+    """How an error names a record, so that it can be found and removed by hand."""
+    plugin = str(entry.get("plugin") or "")
+    lineage = entry.get("lineage") or "?"
+    if plugin == MANUAL:
+        what = f"the manual challenge of {entry.get('domain')}"
+        if entry.get("validation_name"):
+            what += f" (TXT record {entry.get('validation_name')})"
+    else:
+        what = f"the TXT record {entry.get('validation_name')}"
+    return f"{what} = \"{entry.get('validation')}\" (lineage {lineage}, plugin {plugin})"
 
 
-def _run_cleanup_hook(cfg: Any, entries: list[dict[str, Any]]) -> list[str]:
-    """certbot's manual cleanup hook, with the variables certbot gives it (the auth hook's
-    output is unknown here: empty)."""
-    from certbot.compat import misc
+def _when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "?"
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
 
-    hook = getattr(cfg, "manual_cleanup_hook", None)
-    if not isinstance(hook, str) or not hook.strip():
-        return [str(e["id"]) for e in entries]  # no cleanup hook: nothing to undo
-    removed = []
-    for entry in entries:
-        domain = str(entry["domain"])
-        env = dict(os.environ, CERTBOT_DOMAIN=domain, CERTBOT_IDENTIFIER=domain,
-                   CERTBOT_VALIDATION=str(entry["validation"]), CERTBOT_ALL_DOMAINS=domain,
-                   CERTBOT_ALL_IDENTIFIERS=domain, CERTBOT_REMAINING_CHALLENGES="0",
-                   CERTBOT_AUTH_OUTPUT="")
-        code, err, _ = misc.execute_command_status("manual-cleanup-hook", hook, env=env)
-        if code == 0:
-            removed.append(str(entry["id"]))
-        else:
-            logger.warning("certbot-batch: the manual cleanup hook for %s (left by an "
-                           "interrupted run) exited %d: %s", domain, code, err.strip())
-    return removed
+
+def _by_plugin(counts: collections.Counter[str]) -> str:
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{plugin}: {n}" for plugin, n in sorted(counts.items()))
+
+
+class _Recovery:
+    """The removals of one recovery (in the caller's thread, or a worker given a budget).
+
+    Once :meth:`stop` has been called the caller has reported: the worker starts nothing
+    new and logs nothing more (a removal in flight still journals its result)."""
+
+    def __init__(self, journal: Journal, groups: list[_Leftovers], now: float) -> None:
+        self.journal = journal
+        self.groups = groups
+        self.now = now
+        self.lock = threading.Lock()
+        self.stopped = False
+        #: record ids settled by this recovery (removed, given up, forgotten, failed)
+        self.settled: set[str] = set()
+        self.removed: collections.Counter[str] = collections.Counter()
+        self.failed: collections.Counter[str] = collections.Counter()
+        self.errors: dict[str, str] = {}
+        self.expired = 0
+        self.left: collections.Counter[str] = collections.Counter()
+        #: (manual) records whose auth hook never returned and whose cleanup hook failed
+        self.interrupted: list[str] = []
+
+    @property
+    def removed_count(self) -> int:
+        return sum(self.removed.values())
+
+    # -- worker -------------------------------------------------------------------------------
+    def _log(self, level: int, msg: str, *args: Any) -> bool:
+        with self.lock:
+            if self.stopped:
+                return False
+            logger.log(level, msg, *args)
+            return True
+
+    def run(self) -> None:
+        for group in self.groups:
+            if self.stopped:
+                return
+            try:
+                if group.error is not None:
+                    raise group.error
+                if group.plugin == MANUAL:
+                    self._run_cleanup_hooks(group)
+                else:
+                    self._dns_cleanup(group)
+            except Exception as exc:  # noqa: BLE001  (kept for the next run)
+                logger.debug("certbot-batch: recovery of %s", group.plugin, exc_info=True)
+                self._failed([e for e in group.entries if str(e.get("id")) not in self.settled],
+                             exc)
+
+    # The counts only change before stop(): after it, the caller reports them.
+    def _removed(self, entry: dict[str, Any]) -> None:
+        ident = str(entry.get("id"))
+        self.journal.dns_removed([ident])
+        with self.lock:
+            if not self.stopped:
+                self.settled.add(ident)
+                self.removed[str(entry.get("plugin") or "")] += 1
+
+    def _forget(self, entries: Iterable[dict[str, Any]]) -> None:
+        ids = [str(e.get("id")) for e in entries]
+        self.journal.dns_removed(ids)
+        with self.lock:
+            if not self.stopped:
+                self.settled.update(ids)
+
+    def _failed(self, entries: list[dict[str, Any]], exc: BaseException) -> None:
+        """These could not be removed (or were not tried after their group's first
+        failure): kept for the next run, unless they have failed for too long."""
+        expired = [e for e in entries
+                   if isinstance(e.get("ts"), (int, float))
+                   and self.now - float(e["ts"]) >= EXPIRY_SECONDS]
+        for entry in expired:
+            if not self._log(logging.ERROR, "certbot-batch: giving up on %s, left by an "
+                             "interrupted run on %s: it could not be removed for %d days "
+                             "(%s). Remove it by hand.", _describe(entry), _when(entry["ts"]),
+                             EXPIRY_SECONDS // 86400, exc):
+                return
+            self._forget([entry])
+            with self.lock:
+                self.expired += 0 if self.stopped else 1
+        gone = {id(e) for e in expired}
+        kept = [e for e in entries if id(e) not in gone]
+        with self.lock:
+            if self.stopped:
+                return
+            for entry in kept:
+                self.settled.add(str(entry.get("id")))
+                plugin = str(entry.get("plugin") or "")
+                self.failed[plugin] += 1
+                self.errors.setdefault(plugin, str(exc).strip() or type(exc).__name__)
+
+    def _dns_cleanup(self, group: _Leftovers) -> None:
+        cls = plugin_class(group.plugin)
+        if cls is None or not issubclass(cls, dns_common.DNSAuthenticator):
+            raise errors.PluginError(f"the DNS plugin {group.plugin} is not installed")
+        auth = cls(group.cfg, group.plugin)
+        auth._setup_credentials()
+        for i, entry in enumerate(group.entries):
+            if not self._log(logging.INFO, "certbot-batch: removing the TXT record %s "
+                             "(lineage %s, %s) left by an interrupted run",
+                             entry.get("validation_name"), entry.get("lineage"), group.plugin):
+                return
+            try:
+                auth._cleanup(str(entry.get("domain") or ""),
+                              str(entry.get("validation_name") or ""),
+                              str(entry.get("validation") or ""))
+            except Exception as exc:  # noqa: BLE001  (this one and the rest stay journaled)
+                self._log(logging.INFO, "certbot-batch: could not remove the TXT record %s: "
+                          "%s", entry.get("validation_name"), exc)
+                # Probably the server: every further record would cost the plugin's
+                # network timeout to this certbot command, whatever it is.
+                self._failed(group.entries[i:], exc)
+                return
+            self._removed(entry)
+
+    def _run_cleanup_hooks(self, group: _Leftovers) -> None:
+        """certbot's manual cleanup hook, with the variables certbot gives it."""
+        from certbot.compat import misc
+
+        hook = getattr(group.cfg, "manual_cleanup_hook", None)
+        if not isinstance(hook, str) or not hook.strip():
+            self._log(logging.INFO, "certbot-batch: no manual cleanup hook: nothing to undo "
+                      "for %d challenge(s) left by an interrupted run", len(group.entries))
+            self._forget(group.entries)
+            return
+        for entry in group.entries:
+            domain = str(entry.get("domain") or "")
+            if not self._log(logging.INFO, "certbot-batch: running the manual cleanup hook "
+                             "for %s (left by an interrupted run)", domain):
+                return
+            code, err, _ = misc.execute_command_status("manual-cleanup-hook", hook,
+                                                       env=_hook_env(entry))
+            if code == 0:
+                self._removed(entry)
+            elif entry.get("env_journaled") and not isinstance(entry.get("env"), dict):
+                # Its auth hook never returned (the run was killed during it), so what it
+                # printed is unknown: one try without it, then said once and forgotten.
+                self._log(logging.INFO, "certbot-batch: the manual cleanup hook for %s "
+                          "exited %d; its auth hook had not returned when the run was "
+                          "interrupted: forgotten", domain, code)
+                self._forget([entry])
+                with self.lock:
+                    if not self.stopped:
+                        self.interrupted.append(str(entry.get("validation_name") or domain))
+            else:
+                self._log(logging.INFO, "certbot-batch: the manual cleanup hook for %s "
+                          "exited %d: %s", domain, code, err.strip())
+                detail = " ".join(err.split())[:200]
+                self._failed([entry], errors.PluginError(
+                    f"the cleanup hook exited {code}" + (f": {detail}" if detail else "")))
+
+    # -- caller -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """No more work or lines from the worker; what is not settled yet is left."""
+        with self.lock:
+            self.stopped = True
+            for group in self.groups:
+                for entry in group.entries:
+                    if str(entry.get("id")) not in self.settled:
+                        self.left[str(entry.get("plugin") or "")] += 1
+
+    def report(self, budget: Optional[float]) -> None:
+        """One warning line: what recovery did, could not do, and left."""
+        parts = []
+        if self.removed:
+            parts.append(f"removed {self.removed_count} TXT record(s) left by an interrupted "
+                         f"run ({_by_plugin(self.removed)})")
+        if self.failed:
+            what = "" if parts else " TXT record(s) left by an interrupted run"
+            detail = "; ".join(f"{p}: {e}" for p, e in sorted(self.errors.items()))
+            parts.append(f"could not remove {sum(self.failed.values())}{what} ({detail}); "
+                         "the next certbot run tries again")
+        if self.interrupted:
+            parts.append(f"the cleanup hook failed for {len(self.interrupted)} challenge(s) "
+                         "whose auth hook had not returned (its output is unknown): "
+                         f"{', '.join(self.interrupted[:5])}"
+                         f"{' ...' if len(self.interrupted) > 5 else ''}; remove such "
+                         "records by hand if they exist")
+        if self.expired:
+            parts.append(f"gave up on {self.expired} that could not be removed for "
+                         f"{EXPIRY_SECONDS // 86400:.0f} days (see the errors above)")
+        if self.left:
+            what = ("the remaining {n} TXT record(s)" if parts else
+                    "{n} TXT record(s) left by an interrupted run")
+            parts.append(what.format(n=sum(self.left.values()))
+                         + f" ({_by_plugin(self.left)}) are left to the next `certbot renew`"
+                         + (f" (recovery stops after {budget:g} s in other commands)"
+                            if budget is not None else ""))
+        if parts:
+            logger.warning("certbot-batch: %s", "; ".join(parts))
+
+
+def _hook_env(entry: dict[str, Any]) -> dict[str, str]:
+    """The cleanup hook's environment: the variables its auth hook ran with and printed
+    (journaled once it returned), as certbot passes them; for a line without them, the
+    ones certbot would set (the auth hook's output then unknown: empty)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTBOT_")}
+    journaled = entry.get("env")
+    if isinstance(journaled, dict):
+        env.update({str(k): str(v) for k, v in journaled.items()})
+        return env
+    domain = str(entry.get("domain") or "")
+    env.update(CERTBOT_DOMAIN=domain, CERTBOT_IDENTIFIER=domain,
+               CERTBOT_VALIDATION=str(entry.get("validation") or ""),
+               CERTBOT_ALL_DOMAINS=domain, CERTBOT_ALL_IDENTIFIERS=domain,
+               CERTBOT_REMAINING_CHALLENGES="0", CERTBOT_AUTH_OUTPUT="")
+    return env

@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterable, Optional, Union
+import time
+from typing import Any, Iterable, Optional, Union
 
 from certbot_batch import durable
 
@@ -29,9 +30,14 @@ APACHE_CHALLENGE_DIR = "certbot-batch-http01"
 #: dns-01 records of certbot's DNS plugins and manual hooks (challenges/grouped.py), kept in
 #: a journal file of their own (the webroot cleanup clears its journal whole): one
 #: DNS_RECORD line (renewal conf, plugin, domain, validation name and value, the plugin's
-#: settings) before the record is created, one DNS_REMOVED line (same id) once it is gone.
+#: settings, ``ts``: when it was journaled) before the record is created, DNS_UPDATE lines
+#: (same id) adding fields later (the manual auth hook's variables once it ran; ``ts`` for a
+#: line of an older version that had none), one DNS_REMOVED line (same id) once it is gone.
 DNS_RECORD = "dns-record"
+DNS_UPDATE = "dns-update"
 DNS_REMOVED = "dns-removed"
+#: fields of a line that are not the record's own
+_LINE_FIELDS = ("kind", "id")
 #: the directories a challenge file may sit in, and the ones we may create for it
 _CHALLENGE_DIRS = (".well-known", "acme-challenge")
 _OUR_DIRS = frozenset({".well-known", "acme-challenge", APACHE_CHALLENGE_DIR})
@@ -109,67 +115,74 @@ class Journal:
 
     def record_dns(self, records: Iterable[dict[str, Any]]) -> None:
         """Journal DNS records (dicts with an "id"), before they are created."""
+        now = time.time()
         with self._lock:
-            self._append([dict(r, kind=DNS_RECORD) for r in records])
+            self._append([{"ts": now, **r, "kind": DNS_RECORD} for r in records])
+
+    def dns_update(self, updates: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Add fields to journaled records: (id, fields) pairs."""
+        with self._lock:
+            if self.exists():
+                self._append([{**fields, "kind": DNS_UPDATE, "id": ident}
+                              for ident, fields in updates])
 
     def dns_removed(self, ids: Iterable[str]) -> None:
-        """These records are gone again; the file goes once no record is left in it."""
+        """These records are gone again; the files go once no record is left in them."""
         lines = [{"kind": DNS_REMOVED, "id": i} for i in ids]
         with self._lock:
-            if lines and os.path.exists(self.path):
+            if lines and self.exists():
                 self._append(lines)
             if not self._dns_outstanding():
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
+                for path in self.paths:
+                    try:
+                        os.remove(path)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        durable.warn_once(f"journal-rm:{path}", "certbot-batch: could not "
+                                          "remove %s: %s", path, exc.strerror or exc)
 
     def dns_records(self) -> list[dict[str, Any]]:
         """The journaled DNS records not marked removed, in journal order."""
         with self._lock:
             return self._dns_outstanding()
 
-    def recover_dns(self, remove: Callable[[list[dict[str, Any]]], Iterable[str]]) -> int:
-        """Hand the records an interrupted run left to ``remove`` (which returns the ids it
-        removed); the others stay journaled for the next run. Returns the count removed."""
-        records = self.dns_records()
-        removed = list(remove(records)) if records else []
-        self.dns_removed(removed)
-        return len(removed)
-
     def _append(self, items: list[dict[str, Any]]) -> None:
-        """(with the lock held) Append and fsync; 0600: the settings name credentials."""
-        if not items:
+        """(with the lock held) Append and fsync (0600: the settings name credentials), to
+        the first copy that can be written. Never raises: without a journal the run goes
+        on (one warning), its own cleanup still removes the records."""
+        if not items or self._disabled:
             return
         lines = "".join(json.dumps(item) + "\n" for item in items)
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            lines = "\n" + lines  # a line torn by a crash stays a line of its own
-        with os.fdopen(fd, "a", encoding="utf-8") as fh:
-            fh.write(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
+        for candidate in [self.path] + [p for p in self.paths if p != self.path]:
+            try:
+                durable.append_line(candidate, lines)
+                self.path = candidate
+                return
+            except OSError as exc:
+                durable.warn_once(f"journal:{candidate}", "certbot-batch: cannot write the "
+                                  "journal %s (%s)", candidate, exc.strerror or exc)
+        self._disabled = True
+        logger.warning("certbot-batch: no journal of DNS records can be written; this run "
+                       "goes on without one (a killed run may leave TXT records behind)")
 
     def _dns_outstanding(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                raw = fh.readlines()
-        except FileNotFoundError:
-            return []
+        lines = [item for path in self.paths for item in durable.read_lines(path)]
         records: dict[str, dict[str, Any]] = {}
-        for line in raw:
-            try:
-                item = json.loads(line)
-                kind, ident = item["kind"], str(item["id"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash
-            if kind == DNS_RECORD:
-                records[ident] = item
+        removed: set[str] = set()
+        # Records first: an update or removal may sit in the other copy (written after the
+        # state directory became writable again, or stopped being so).
+        for item in lines:
+            if item.get("kind") == DNS_RECORD:
+                records[str(item.get("id"))] = item
+        for item in lines:
+            kind, ident = item.get("kind"), str(item.get("id"))
+            if kind == DNS_UPDATE and ident in records:
+                records[ident] = {**records[ident],
+                                  **{k: v for k, v in item.items() if k not in _LINE_FIELDS}}
             elif kind == DNS_REMOVED:
-                records.pop(ident, None)
-        return list(records.values())
+                removed.add(ident)
+        return [r for ident, r in records.items() if ident not in removed]
 
     def items(self) -> list[dict[str, Any]]:
         """Every journaled entry of every trusted copy (a torn last line after a crash is
