@@ -87,6 +87,7 @@ def settings_from(config: Any) -> ScanSettings:
         dry_run=bool(getattr(config, "dry_run", False)),
         user_agent=f"certbot-batch certbot/{_certbot.certbot_version()}",
         progress=(not getattr(config, "quiet", False)) and sys.stderr.isatty(),
+        verify_ssl=getattr(config, "no_verify_ssl", False) is not True,
     )
 
 
