@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -223,3 +224,71 @@ def test_fallback_ca_for_certificates_about_to_expire(site: Site, apache: Apache
             assert rows[name]["issued_by"] == fallback.directory_url, rows[name]
         for name in later:
             assert rows[name]["renew_attempts"] == 1, rows[name]
+
+
+def test_new_order_unavailable_fallback_within_the_bound(site: Site, apache: Apache,
+                                                         tmp_path: Path) -> None:
+    """new-order answered 503 Retry-After 60 for good, after two orders went through
+    (issue 16, items 8/10). The pause is per endpoint: the two orders already made are
+    validated, finalized and downloaded from the primary CA. new-order is unavailable for the
+    rest of the run once its refusals would outlast pacing.UNAVAILABLE_AFTER (2 minutes):
+    exactly two refused new orders are sent (at 0 and 60 s; the next would come at the
+    bound), every later lineage fails at once without a request, the ones expiring soon
+    are renewed from the fallback CA in the same run, the others are deferred with the
+    CA's Retry-After (not a failed validation) and the run exits non-zero saying so."""
+    with Pebble(apache.http_port, base_dir=tmp_path / "fallback") as fallback:
+        other = Certbot(site.bot.flavour, site.bot.base_dir, fallback, env_extra=apache.env())
+        other.register()
+        bundle = tmp_path / "both-cas.pem"
+        bundle.write_text(site.proxy.ca_bundle.read_text() + fallback.ca_bundle.read_text())
+        # Urgency order: first (3 days left), soon (5 days), later (40 days, due by its conf).
+        later = site.add(3, "later", age=50 * DAY, renew_before_expiry="60 days")
+        soon = site.add(2, "soon", age=85 * DAY)
+        first = site.add(2, "first", age=87 * DAY)
+        site.proxy.rate_limit("newOrder", after=2, retry_after=60, status=503,
+                              problem_type="serverInternal", account_wide=True,
+                              detail="service unavailable (injected)")
+        site.proxy.reset_counters()
+        proc = site.bot.run("renew", "--batch-fallback-server", fallback.directory_url,
+                            env_extra={"REQUESTS_CA_BUNDLE": str(bundle)}, timeout=600)
+        text = out(proc)
+        assert proc.returncode != 0, text
+        assert "Traceback" not in text
+        # Two orders passed; exactly two refused ones were sent; nothing after that.
+        assert site.proxy.forwarded("newOrder") == 2, site.proxy.logs()
+        assert site.proxy.answered("newOrder") == 2, site.proxy.logs()
+        assert site.proxy.statuses("newOrder").count(503) == 2
+        assert "has refused its new-order requests" in flat(text), text
+        # The orders already made: renewed from the primary CA (pebble behind the proxy).
+        primary = {int(s, 16) for s in re.findall(r"Issued certificate serial ([0-9a-f]+) ",
+                                                    site.pebble.pebble_log.read_text())}
+        backup = {int(s, 16) for s in re.findall(r"Issued certificate serial ([0-9a-f]+) ",
+                                                   fallback.pebble_log.read_text())}
+        assert len(primary) == 2 and len(backup) == 2, text
+        for name in first:
+            assert site.versions(name) == 2, (name, text)
+            assert _serial(site, name) in primary
+        # Expiring soon: renewed from the fallback CA in the same run.
+        for name in soon:
+            assert site.versions(name) == 2, (name, text)
+            assert _serial(site, name) in backup
+        assert "renewed from the fallback CA" in flat(text), text
+        # The others: deferred, stated, backing off with the CA's Retry-After, not counted.
+        assert "3 renewal(s) deferred" in flat(text), text
+        code, status = site.status()
+        rows = {r["lineage"]: r for r in status["lineages"]}  # type: ignore[union-attr]
+        for name in later:
+            assert site.versions(name) == 1, (name, text)
+            assert f"/live/{name}/fullchain.pem (deferred" in text, text
+            assert rows[name]["renew_attempts"] == 0, rows[name]
+            assert rows[name]["renew_next_attempt"], rows[name]
+            assert "unavailable" in str(rows[name]["renew_last_error"]), rows[name]
+
+        # The next run, seconds later, sends no new order: they back off.
+        site.proxy.clear()
+        again = site.renew("--batch-fallback-server", fallback.directory_url)
+        assert site.proxy.count("newOrder") == 0, out(again)
+
+
+def _serial(site: Site, name: str) -> int:
+    return certs.load_pem_chain(site.bot.live(name) / "cert.pem")[0].serial_number

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -456,22 +460,105 @@ def _served(apache: Apache, name: str) -> x509.Certificate:
     return apache.served_cert(name)
 
 
-def test_skip_if_locked(bed: Bed) -> None:
-    """certbot locks each of its directories; a frequent timer run meeting a long run says
-    so in one line and exits 0 with --batch-skip-if-locked, and fails as stock without."""
-    import fcntl
+class LockHolder:
+    """A real certbot run holding certbot's locks: ``certbot renew --force-renewal`` whose
+    pre-hook connects to a Unix socket of the test and blocks until the test answers (or
+    goes away), so the run is inside its renewal, with every lock taken, for as long as the
+    test wants. A socket, not a file to poll: the test waits for the hook with accept()."""
 
-    bed.lineages(1, "lock", vhosts=False, installer=None)
-    lock = bed.bot.config_dir / ".certbot.lock"
-    with open(lock, "a") as fh:
-        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        stock = bed.bot.run("renew")
-        skipped = bed.bot.run("renew", "--batch-skip-if-locked")
-    assert stock.returncode != 0 and "Another instance of Certbot" in out(stock)
+    def __init__(self, bed: Bed) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="lk"))  # AF_UNIX paths are short
+        self.path = self.dir / "hook.sock"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        self.server.listen(1)
+        hook = (f"{sys.executable} -c \"import socket; s = socket.socket(socket.AF_UNIX); "
+                f"s.connect('{self.path}'); s.sendall(b'in'); s.recv(1)\"")
+        self.proc = bed.start("--force-renewal", "--pre-hook", hook)
+        self.conn: Optional[socket.socket] = None
+
+    def wait_for_hook(self, timeout: float = 120.0) -> None:
+        self.server.settimeout(1.0)
+        end = time.monotonic() + timeout
+        while self.conn is None:
+            try:
+                self.conn, _ = self.server.accept()
+            except TimeoutError:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    stdout, stderr = self.proc.communicate(timeout=60)
+                    raise AssertionError(f"the pre-hook never ran:\n{stdout}\n{stderr}"
+                                         ) from None
+        self.conn.settimeout(60)
+        assert self.conn.recv(2) == b"in"
+
+    def release(self) -> subprocess.CompletedProcess[str]:
+        if self.conn is not None:
+            self.conn.sendall(b"!")
+        stdout, stderr = self.proc.communicate(timeout=240)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        for sock in (self.conn, self.server):
+            if sock is not None:
+                sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("shared", ["logs", "config", "work"])
+def test_skip_if_locked(bed: Bed, tmp_path: Path, shared: str) -> None:
+    """certbot locks its logs dir (while setting up logging), then its config and work dirs.
+    A second certbot meeting a running one on any of them: with --batch-skip-if-locked one
+    line on stderr, exit 0 and nothing else (no pre-hook, no renewal); without it certbot's
+    own error and exit 1. The running one is undisturbed."""
+    names = bed.lineages(1, "lock", vhosts=False, installer=None)
+    bot = bed.bot
+    other = tmp_path / "other"
+    dirs = {"config": other / "config", "work": other / "work", "logs": other / "logs"}
+    dirs[shared] = {"config": bot.config_dir, "work": bot.work_dir, "logs": bot.logs_dir}[shared]
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    own = []
+    if shared != "config":  # a due lineage of its own, which must not be renewed
+        own = make_farm(str(dirs["config"]), 1, ca=bed.ca, server=bed.pebble.directory_url,
+                        webroot=str(bed.apache.webroot), authenticator="batch-webroot",
+                        name_fmt="second{i}.test", version=bot.version)
+    hook_ran = tmp_path / "second-pre-hook-ran"
+
+    def second(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [str(bot.python), "-c", "import sys; from certbot.main import main; "
+               "sys.exit(main())", "renew", "--non-interactive", "--no-random-sleep-on-renew",
+               "--force-renewal", "--pre-hook", f"touch {hook_ran}",
+               "--server", bed.pebble.directory_url,
+               "--config-dir", str(dirs["config"]), "--work-dir", str(dirs["work"]),
+               "--logs-dir", str(dirs["logs"]), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env=bot.env(),
+                              cwd=bot.base_dir, timeout=120, check=False)
+
+    holder = LockHolder(bed)
+    try:
+        holder.wait_for_hook()
+        stock = second()
+        skipped = second("--batch-skip-if-locked")
+        done = holder.release()
+    finally:
+        holder.close()
+    assert stock.returncode == 1, out(stock)
+    assert "Another instance of Certbot is already running" in out(stock), out(stock)
     assert skipped.returncode == 0, out(skipped)
-    lines = [line for line in out(skipped).splitlines()
+    assert skipped.stdout == "", out(skipped)
+    lines = [line for line in skipped.stderr.splitlines()
              if line.strip() and not line.startswith("Saving debug log")]  # certbot's own
     assert len(lines) == 1 and "--batch-skip-if-locked" in lines[0], lines
+    assert "Another instance of Certbot is already running" in lines[0], lines
+    assert not hook_ran.exists()  # neither run got as far as a renewal
+    assert all(len(list((dirs["config"] / "archive" / n).glob("cert*.pem"))) == 1
+               for n in own)
+    # The run holding the lock renewed its lineage, undisturbed.
+    assert done.returncode == 0, out(done)
+    assert bed.versions(names[0]) == 2, out(done)
 
 
 def test_archive_file_cut_short_by_sigkill(bed: Bed) -> None:

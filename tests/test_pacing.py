@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import pytest
 from acme import messages
+from certbot import errors
 
 from certbot_batch.ca import backoff, pacing
 from certbot_batch.challenges.prevalidate import OrderGate
@@ -75,33 +76,176 @@ class Response:
 
 
 class FakeClock:
+    """The pacer's clock and wait: waiting advances the clock (no real time passes)."""
+
     def __init__(self) -> None:
         self.t = 0.0
+        self.waits: list[float] = []
 
     def __call__(self) -> float:
         return self.t
 
+    def wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.t += seconds
 
-def test_503_pauses_the_ca_and_the_request_is_sent_again() -> None:
-    pacer = pacing.AcmePacer(rate=1000.0)
-    answers = [Response(503, "1"), Response(503, "1"), Response(200)]
-    sent: list[float] = []
 
-    def send(net: Any, method: str, url: str) -> Response:
-        sent.append(time.monotonic())
-        return answers.pop(0)
+CA = "https://ca.test"
+NEW_ORDER = f"{CA}/acme/new-order"
+NEW_NONCE = f"{CA}/acme/new-nonce"
+AUTHZ = f"{CA}/acme/authz/1"
+DIRECTORY = {"newOrder": NEW_ORDER, "newNonce": NEW_NONCE,
+             "newAccount": f"{CA}/acme/new-acct"}
 
-    def post_once(net: Any) -> str:
-        resp = pacer.send(send, net, "POST", "https://ca.test/acme/new-order")
+
+class FakeCA:
+    """Answers each request with the next answer queued for its URL (200 when none), and
+    records (clock time, method, url) of every request that was sent."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.answers: dict[str, list[Response]] = {}
+        self.sent: list[tuple[float, str, str]] = []
+
+    def __call__(self, net: Any, method: str, url: str) -> Response:
+        self.sent.append((self.clock.t, method, url))
+        queue = self.answers.get(url) or []
+        return queue.pop(0) if queue else Response(200)
+
+
+def fake_pacer() -> tuple[pacing.AcmePacer, FakeClock, FakeCA]:
+    clock = FakeClock()
+    pacer = pacing.AcmePacer(rate=1000.0, clock=clock, wait=clock.wait)
+    pacer.learn(DIRECTORY)
+    return pacer, clock, FakeCA(clock)
+
+
+def acme_request(pacer: pacing.AcmePacer, ca: FakeCA, url: str, method: str = "POST") -> str:
+    """One ACME request as acme's _post_once makes it: raises on an error answer."""
+    def once(net: Any) -> str:
+        resp = pacer.send(ca, net, method, url)
         if resp.status_code >= 400:
             raise messages.Error(typ="urn:ietf:params:acme:error:serverInternal",
                                  detail="busy")
         return "ok"
+    return pacer.retrying(once, lambda: False, object())  # type: ignore[no-any-return]
 
-    assert pacer.retrying(post_once, lambda: False, object()) == "ok"
-    assert len(sent) == 3 and pacer.retries == 2 and pacer.pauses == 2
-    # every retry waited for the CA-wide pause (Retry-After: 1, clamped to >= 1 s)
-    assert sent[1] - sent[0] >= 0.9 and sent[2] - sent[1] >= 0.9
+
+def test_503_pauses_the_endpoint_and_the_request_is_sent_again() -> None:
+    pacer, clock, ca = fake_pacer()
+    ca.answers[NEW_ORDER] = [Response(503, "1"), Response(503, "1"), Response(200)]
+    assert acme_request(pacer, ca, NEW_ORDER) == "ok"
+    assert pacer.retries == 2 and pacer.pauses == 2
+    # every retry waited out the pause (Retry-After: 1) on the pacer's clock
+    assert [t for t, _, _ in ca.sent] == [0.0, 1.0, 2.0]
+    assert pacer.limiter.clock is clock  # the token bucket runs on the same clock
+
+
+def test_a_new_order_pause_stalls_nothing_else() -> None:
+    """new-order answered 503 Retry-After 30: new orders wait 30 s; authorizations,
+    challenges, finalization, downloads (the per-resource URLs), new nonces and other CAs
+    do not wait at all. A 503 on those pauses them, not new-order."""
+    pacer, clock, ca = fake_pacer()
+    ca.answers[NEW_ORDER] = [Response(503, "30")]
+    assert pacer.send(ca, None, "POST", NEW_ORDER).status_code == 503  # pauses new-order
+    for method, url in (("POST", AUTHZ), ("POST", f"{CA}/acme/chall/1"),
+                        ("POST", f"{CA}/acme/finalize/1"), ("POST", f"{CA}/acme/cert/1"),
+                        ("HEAD", NEW_NONCE), ("POST", "https://other-ca.test/acme/new-order")):
+        assert acme_request(pacer, ca, url, method) == "ok"
+    assert clock.t == 0.0 and clock.waits == []  # none of them waited
+    assert acme_request(pacer, ca, NEW_ORDER) == "ok"
+    assert ca.sent[-1] == (30.0, "POST", NEW_ORDER)  # the new order waited for its pause
+
+    ca.answers[AUTHZ] = [Response(503, "20")]
+    assert acme_request(pacer, ca, AUTHZ) == "ok"  # paused 20 s, then answered
+    assert ca.sent[-1] == (50.0, "POST", AUTHZ)
+    ca.answers[f"{CA}/acme/chall/2"] = [Response(429, "10")]  # 429 "slow down", not a limit
+    before = clock.t
+    assert acme_request(pacer, ca, f"{CA}/acme/chall/2") == "ok"
+    assert ca.sent[-1] == (before + 10, "POST", f"{CA}/acme/chall/2")
+    clock.waits.clear()
+    assert acme_request(pacer, ca, NEW_ORDER) == "ok"
+    assert clock.waits == []  # new-order was not paused by the other endpoints' pauses
+
+
+def test_an_endpoint_refusing_longer_than_the_bound_is_unavailable() -> None:
+    """new-order answered 503 Retry-After 60 for good: sent at 0 s and 60 s; the next try
+    would come at 120 s, the bound, so the endpoint is unavailable at 60 s: the request
+    fails with CAUnavailable (the session's CA problem: fallback CA or deferral, with the
+    CA's Retry-After), and every later new order fails at once without being sent."""
+    from certbot_batch import session
+
+    assert pacing.UNAVAILABLE_AFTER == 120.0
+    pacer, clock, ca = fake_pacer()
+    ca.answers[NEW_ORDER] = [Response(503, "60") for _ in range(100)]
+    with pytest.raises(pacing.CAUnavailable) as info:
+        acme_request(pacer, ca, NEW_ORDER)
+    assert [t for t, _, _ in ca.sent] == [0.0, 60.0]
+    exc = info.value
+    assert isinstance(exc.__cause__, messages.Error)  # the CA's own answer
+    assert exc.retry_after == 60.0 and "new-order" in str(exc) and "503" in str(exc)
+    assert session._ca_problem(exc) and pacing.deferral(exc) is exc
+    wrapped = errors.Error("certbot's words")
+    wrapped.__cause__ = exc
+    assert pacing.deferral(wrapped) is exc and session._ca_problem(wrapped)
+    assert pacer.unavailable(CA, pacing.NEW_ORDER)
+    # Every further new order: at once, nothing sent, no waiting.
+    sent, now = len(ca.sent), clock.t
+    for _ in range(3):
+        with pytest.raises(pacing.CAUnavailable):
+            acme_request(pacer, ca, NEW_ORDER)
+    assert len(ca.sent) == sent and clock.t == now and pacer.not_sent == 3
+    # The orders already made go on.
+    assert acme_request(pacer, ca, AUTHZ) == "ok" and clock.t == now
+    assert not pacer.unavailable(CA, pacing.OTHER)
+
+
+@pytest.mark.parametrize("retry_after,times", [
+    (None, [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0]),  # 1, 2, 4 ... s: 63 + 64 > 120
+    ("300", [0.0]),  # the pause asked for alone outlasts the bound: unavailable at once
+    ("119", [0.0, 119.0]),  # the second refusal's pause would end after the bound
+])
+def test_the_bound_is_never_exceeded(retry_after: Optional[str], times: list[float]) -> None:
+    pacer, clock, ca = fake_pacer()
+    ca.answers[AUTHZ] = [Response(503, retry_after) for _ in range(100)]
+    with pytest.raises(pacing.CAUnavailable):
+        acme_request(pacer, ca, AUTHZ)
+    assert [t for t, _, _ in ca.sent] == times
+    assert clock.t <= pacing.UNAVAILABLE_AFTER
+    assert pacer.unavailable(CA, pacing.OTHER) and not pacer.unavailable(CA,
+                                                                         pacing.NEW_ORDER)
+
+
+def test_refusals_of_requests_in_flight_together_count_once() -> None:
+    """Eight requests sent before the CA's first 503 (no Retry-After) come back refused
+    during the pause the first one caused: one refusal (a 1 s pause), not eight (2^7 s,
+    beyond the bound: the endpoint would be unavailable at once)."""
+    pacer, clock, ca = fake_pacer()
+    in_flight = [f"{CA}/acme/authz/{i}" for i in range(8)]
+
+    def answer(net: Any, method: str, url: str) -> Response:
+        ca.sent.append((clock.t, method, url))
+        if in_flight:  # the next one was sent before this answer came back
+            assert pacer.send(answer, net, "POST", in_flight.pop(0)).status_code == 503
+        return Response(503)
+
+    assert pacer.send(answer, None, "POST", AUTHZ).status_code == 503
+    assert len(ca.sent) == 9 and pacer.pauses == 9
+    assert not pacer.unavailable(CA, pacing.OTHER)
+    assert acme_request(pacer, ca, AUTHZ) == "ok"
+    assert ca.sent[-1] == (1.0, "POST", AUTHZ)  # paused 1 s: the first refusal's pause
+
+
+def test_an_answer_ends_the_streak() -> None:
+    """Refusals with answers in between are not one streak: 50 s pauses around a success
+    never add up to the bound."""
+    pacer, clock, ca = fake_pacer()
+    ca.answers[NEW_ORDER] = [Response(503, "50"), Response(200), Response(503, "50"),
+                             Response(503, "50"), Response(200)]
+    assert acme_request(pacer, ca, NEW_ORDER) == "ok"
+    assert acme_request(pacer, ca, NEW_ORDER) == "ok"
+    assert [t for t, _, _ in ca.sent] == [0.0, 50.0, 50.0, 100.0, 150.0]
+    assert not pacer.unavailable(CA, pacing.NEW_ORDER)
 
 
 def test_rate_limited_new_order_is_not_retried_and_defers_the_account() -> None:

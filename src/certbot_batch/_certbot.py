@@ -5,9 +5,10 @@ internal functions instead. Every internal we touch is listed in :data:`BOUNDARY
 each (module, attribute, why); the table drives both the version gate and the patching:
 
 * at import of our plugins (every certbot command) :func:`install` checks the certbot
-  version and that every entry exists with a compatible signature, then wraps the one
-  *permanent* entry (``handle_renewal_request``, which decides whether a renewal session
-  owns the run) and ``make_or_verify_needed_dirs`` (recovery of an interrupted run);
+  version and that every entry exists with a compatible signature, then wraps the
+  *permanent* entries: ``handle_renewal_request`` (decides whether a renewal session owns
+  the run), ``log.post_arg_parse_setup`` and ``make_or_verify_needed_dirs`` (certbot's
+  locks: ``--batch-skip-if-locked``; then recovery of an interrupted run);
 * the *session* entries are wrapped only while a renewal session runs (:func:`activate`)
   and put back exactly as they were when it ends.
 
@@ -67,9 +68,12 @@ _H = "certbot._internal.hooks"
 BOUNDARY: tuple[Internal, ...] = (
     Internal(_R, "handle_renewal_request", "decide whether a renewal session owns the run",
              "wrap-always", 1),
-    Internal(_M, "make_or_verify_needed_dirs", "after certbot took its lock: finish what an "
-             "interrupted run left (challenge files, Apache snippet, pending deployment)",
+    Internal("certbot._internal.log", "post_arg_parse_setup", "certbot's first lock (the "
+             "logs dir, before make_or_verify_needed_dirs): --batch-skip-if-locked",
              "wrap-always", 1),
+    Internal(_M, "make_or_verify_needed_dirs", "after certbot took its lock: finish what an "
+             "interrupted run left (challenge files, Apache snippet, pending deployment); "
+             "--batch-skip-if-locked for the config and work dirs", "wrap-always", 1),
     Internal(_S, "renewal_conf_files", "inside a session only due lineages reach certbot's "
              "loop", "wrap", 1),
     Internal(_R, "should_renew", "inside a session: the parallel scan's decision", "wrap", 2),
@@ -409,19 +413,39 @@ def _wrap_handle_renewal_request(orig: Callable[..., Any]) -> Callable[..., Any]
     return handle_renewal_request
 
 
+def _skip_if_locked(config: Any, exc: BaseException) -> None:
+    """--batch-skip-if-locked: another certbot run holds one of certbot's locks (an hourly
+    timer meeting a long run): one line, exit 0, nothing else, instead of an error mail
+    every hour. Returns when the option is not given or ``exc`` is not certbot's
+    LockError (the caller re-raises: certbot's own message and exit code)."""
+    if getattr(config, "batch_skip_if_locked", False) is not True or \
+            type(exc).__name__ != "LockError":
+        return
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"certbot-batch: {exc} Nothing to do for this run "
+                         "(--batch-skip-if-locked).\n")
+    raise SystemExit(0) from None
+
+
+def _wrap_log_setup(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def post_arg_parse_setup(config: Any, *args: Any, **kwargs: Any) -> Any:
+        # certbot takes its first lock here (logs_dir, through util.set_up_core_dir), before
+        # make_or_verify_needed_dirs locks the config and work dirs.
+        try:
+            return orig(config, *args, **kwargs)
+        except Exception as exc:
+            _skip_if_locked(config, exc)
+            raise
+    post_arg_parse_setup.__wrapped__ = orig  # type: ignore[attr-defined]
+    return post_arg_parse_setup
+
+
 def _wrap_make_dirs(orig: Callable[..., Any]) -> Callable[..., Any]:
     def make_or_verify_needed_dirs(config: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             result = orig(config, *args, **kwargs)
         except Exception as exc:
-            # --batch-skip-if-locked: another certbot run holds the lock (an hourly timer
-            # meeting a long run): one line, exit 0, instead of an error mail every hour.
-            if getattr(config, "batch_skip_if_locked", False) is True and \
-                    type(exc).__name__ == "LockError":
-                with contextlib.suppress(Exception):
-                    sys.stderr.write(f"certbot-batch: {exc} Nothing to do for this run "
-                                     "(--batch-skip-if-locked).\n")
-                raise SystemExit(0) from None
+            _skip_if_locked(config, exc)
             raise
         try:
             from certbot_batch import recovery
@@ -694,6 +718,7 @@ def _wrap_init_le_client(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 _WRAPPERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     (_R, "handle_renewal_request"): _wrap_handle_renewal_request,
+    ("certbot._internal.log", "post_arg_parse_setup"): _wrap_log_setup,
     (_M, "make_or_verify_needed_dirs"): _wrap_make_dirs,
     (_S, "renewal_conf_files"): _wrap_conf_files,
     (_R, "should_renew"): _wrap_should_renew,

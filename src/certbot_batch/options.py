@@ -49,17 +49,21 @@ def _add(parser: Any) -> None:
     parser.add_argument(
         "--batch-acme-rate", dest="batch_acme_rate", type=float, default=100.0,
         help="Maximum ACME requests per second to one CA while renewing (new-order, "
-             "authorizations, challenges, finalize, downloads); 503 and 429 answers pause "
-             "every request to that CA for its Retry-After. (default: 100; Let's Encrypt "
-             "allows 250 per IP, 20 on staging)")
+             "authorizations, challenges, finalize, downloads); a 503 or 429 answer pauses "
+             "the requests to that endpoint of the CA (new-order, new-nonce, or the rest) "
+             "for its Retry-After, and an endpoint refusing for 2 minutes is not asked "
+             "again in the run. (default: 100; Let's Encrypt allows 250 per IP, 20 on "
+             "staging)")
     parser.add_argument(
         "--batch-fallback-server", dest="batch_fallback_server", default=None,
         metavar="URL",
         help="ACME directory of a fallback CA (register an account there first: certbot "
              "register --server URL). A due lineage whose own CA is unreachable, answers "
-             "5xx or refuses it for a rate limit, and whose certificate expires within "
-             "--batch-fallback-within days, is renewed from it in the same run; its "
-             "renewal conf keeps its own CA for the next renewal. Never used by --dry-run.")
+             "5xx, refuses it for a rate limit or keeps refusing requests for 2 minutes, "
+             "and whose certificate expires within --batch-fallback-within days, is "
+             "renewed from it in the same run (within 2 minutes of the CA's first refusal); "
+             "its renewal conf keeps its own CA for the next renewal. Never used by "
+             "--dry-run.")
     parser.add_argument(
         "--batch-fallback-within", dest="batch_fallback_within", type=float, default=7.0,
         metavar="DAYS",

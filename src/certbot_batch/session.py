@@ -87,6 +87,7 @@ def settings_from(config: Any) -> ScanSettings:
         dry_run=bool(getattr(config, "dry_run", False)),
         user_agent=f"certbot-batch certbot/{_certbot.certbot_version()}",
         progress=(not getattr(config, "quiet", False)) and sys.stderr.isatty(),
+        verify_ssl=getattr(config, "no_verify_ssl", False) is not True,
     )
 
 
@@ -307,8 +308,9 @@ class RenewalSession:
                 # durable before anything else happens (a kill in the loop keeps it).
                 for item in batchable:
                     result = ctx.prefetched.get(item.name)
-                    if isinstance(result, BaseException) and not isinstance(
-                            result, (pacing.Deferred, replaces.Stopped)):
+                    if isinstance(result, BaseException) and \
+                            not isinstance(result, replaces.Stopped) and \
+                            pacing.deferral(result) is None:
                         self._record_failure(item.name, result)
                         self._failure_noted.add(item.name)
                 self.ledger.flush()
@@ -321,9 +323,12 @@ class RenewalSession:
             to_loop = []
             for p in prepared:
                 result = ctx.prefetched.get(p.name, None)
-                if isinstance(result, pacing.Deferred):
-                    # Never sent: the account hit an account-wide limit earlier in the run.
-                    self._defer(p.name, result)
+                deferred = pacing.deferral(result) if isinstance(result, BaseException) \
+                    else None
+                if deferred is not None:
+                    # The account hit an account-wide limit earlier in the run, or the CA
+                    # was unavailable for longer than the pacer waits (pacing.CAUnavailable).
+                    self._defer(p.name, deferred)
                     ctx.prefetched.pop(p.name, None)
                     continue
                 started = p.name in ctx.prefetched and not isinstance(result, replaces.Stopped)
@@ -545,7 +550,8 @@ class RenewalSession:
             problems += [str(e) for e in self.loop_errors]
         problems += self.deploy_problems
         if self.deferred:
-            problems.append(f"{len(self.deferred)} renewal(s) deferred by the CA's rate limit")
+            problems.append(f"{len(self.deferred)} renewal(s) deferred (their CA's rate limit, "
+                            "or their CA unavailable)")
         if self.not_attempted:
             problems.append(f"stopped by {ctx.stop_signal or 'a signal'}: "
                             f"{len(self.not_attempted)} due lineage(s) not attempted")
@@ -565,8 +571,8 @@ class RenewalSession:
             notify("\n".join(f"  {self._fullchain_of(n)} (fallback CA)"
                              for n in self.from_fallback))
         if self.deferred:
-            logger.error("The following renewals were deferred, not sent to the CA (the next "
-                         "run after the CA's Retry-After renews them):")
+            logger.error("The following renewals were deferred (the next run after the CA's "
+                         "Retry-After renews them):")
             logger.error("\n".join(f"  {self._fullchain_of(n)} (deferred: {why})"
                                    for n, why in sorted(self.deferred.items())))
         if self.backing_off:
@@ -702,8 +708,9 @@ class RenewalSession:
         ctx = self.ctx
         limit = ctx.pacer.rate_limited.get(name) if ctx.pacer is not None else None
         now = time.time()
-        if isinstance(exc, pacing.Deferred):
-            backoff.record_failure(state, now, str(exc), retry_after=exc.retry_after,
+        deferred = pacing.deferral(exc)
+        if deferred is not None:
+            backoff.record_failure(state, now, str(deferred), retry_after=deferred.retry_after,
                                    counts=False)
         elif limit is not None:
             backoff.record_failure(state, now, f"rate limited by the CA: {limit.detail}",
@@ -751,7 +758,7 @@ def _installer_problem(state: LineageState, lineage_config: Any) -> Optional[str
 def _ca_problem(exc: BaseException, depth: int = 0) -> bool:
     """Could the lineage's own CA not serve it (unreachable, 5xx, rate limit), as opposed to
     a problem of the lineage (validation failed, bad key...)?"""
-    if isinstance(exc, pacing.Deferred):
+    if isinstance(exc, pacing.Deferred):  # CAUnavailable too: refusing for too long
         return True
     try:
         import requests

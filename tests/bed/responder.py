@@ -8,7 +8,8 @@
         assert r.ari_requests == 2000
 
 Endpoints (plain HTTP on 127.0.0.1, a free port, HTTP/1.1 keep-alive, one thread per
-connection):
+connection; HTTPS with ``tls=True``: a certificate for 127.0.0.1/localhost from a
+throw-away CA of its own, :attr:`Responder.ca_bundle`, which no client trusts unless told):
 
 * ``GET /directory`` — ACME directory; ``renewalInfo`` = ``{base}/renewal-info`` unless
   ``renewal_info`` is False (or the ``no_renewal_info`` directory fault is set). With
@@ -33,10 +34,15 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
+import ssl
+import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import (
     Any,
@@ -57,6 +63,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
+from tests.bed import certs
 from tests.bed.farm import FarmCA, cert_id, serial_der_bytes
 
 __all__ = [
@@ -221,6 +228,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024
     responder: Responder
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            return  # a client that does not trust our TLS certificate hangs up: expected
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -229,6 +241,14 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     timeout = 120  # idle keep-alive connections are dropped after this
     server: _Server
+
+    def setup(self) -> None:
+        context = self.server.responder._tls_context
+        if context is not None:
+            # The handshake in this connection's thread, not in the accepting one.
+            self.request.settimeout(self.timeout)
+            self.request = context.wrap_socket(self.request, server_side=True)
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass
@@ -275,7 +295,8 @@ class Responder:
                  explanation_url: Optional[str] = None,
                  ocsp_validity: datetime.timedelta = datetime.timedelta(days=4),
                  ocsp_cache_seconds: float = 60.0,
-                 acme_directory: Optional[Dict[str, Any]] = None) -> None:
+                 acme_directory: Optional[Dict[str, Any]] = None,
+                 tls: bool = False) -> None:
         if cas is None:
             self.cas: List[FarmCA] = []
         elif isinstance(cas, FarmCA):
@@ -293,6 +314,21 @@ class Responder:
         #: Another ACME server's directory (e.g. pebble's) whose fields /directory serves, with
         #: renewalInfo pointing at this responder: an ACME server that also has ARI.
         self.acme_directory: Optional[Dict[str, Any]] = acme_directory
+        #: With ``tls``: the PEM file of the responder's own CA (trust it to verify).
+        self.ca_bundle: Optional[Path] = None
+        self._tls_context: Optional[ssl.SSLContext] = None
+        self._tls_dir: Optional[str] = None
+        if tls:
+            self._tls_dir = tempfile.mkdtemp(prefix="bed-responder-")
+            ca = certs.make_ca("certbot-batch test bed responder CA")
+            leaf = certs.make_leaf(["localhost", host], issuer=ca)
+            cert_path = Path(self._tls_dir) / "cert.pem"
+            key_path = Path(self._tls_dir) / "key.pem"
+            leaf.write(cert_path, key_path)
+            self.ca_bundle = Path(self._tls_dir) / "ca.pem"
+            self.ca_bundle.write_bytes(ca.cert_pem())
+            self._tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls_context.load_cert_chain(str(cert_path), str(key_path))
 
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -340,6 +376,9 @@ class Responder:
             self._thread.join(timeout=5)
             self._thread = None
         self.wait_idle(5.0)
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None
 
     def release_held(self) -> None:
         """End every wait in progress now (latency and timeout faults): held timeouts drop
@@ -374,7 +413,8 @@ class Responder:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self._tls_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def directory_url(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import socket
@@ -358,9 +359,13 @@ def http_exchange(session: requests.Session, method: str, url: str, *, timeout: 
         return _urllib3_exchange(pool, session, method, url, connect=connect, read=read,
                                  budget=budget, started=started, max_bytes=max_bytes,
                                  headers=headers, data=data)
+    # verify=False per request, as acme does for certbot's --no-verify-ssl: requests lets
+    # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE from the environment override session.verify=False.
+    verify = False if session.verify is False else None
     try:
         resp = session.request(method, url, headers=dict(headers or {}), data=data,
-                               timeout=(connect, read), stream=True, allow_redirects=True)
+                               timeout=(connect, read), stream=True, allow_redirects=True,
+                               verify=verify)
     except requests.exceptions.SSLError as exc:
         raise HttpFailure("connection", f"TLS error talking to {url}: {exc}") from exc
     except requests.exceptions.RequestException as exc:
@@ -420,17 +425,21 @@ _direct_lock = threading.Lock()
 
 
 def _ca_bundle(session: requests.Session) -> Optional[str]:
-    """requests' choice of CA bundle; None means "do not verify"."""
+    """The CA bundle (file or directory) requests would verify with for a request sent by
+    :func:`http_exchange`; None means "do not verify" (certbot's --no-verify-ssl).
+
+    As requests' ``merge_environment_settings``: a session that verifies (``verify`` True
+    or a path) takes ``REQUESTS_CA_BUNDLE``, else ``CURL_CA_BUNDLE``, from the environment
+    when it trusts the environment (the variables win over a path set on the session);
+    ``verify=False`` is passed with each request, so it is never overridden."""
     if session.verify is False:
         return None
-    if isinstance(session.verify, str):
-        return session.verify
     if session.trust_env:
-        import os
-
         for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
             if os.environ.get(var):
                 return os.environ[var]
+    if isinstance(session.verify, str):
+        return session.verify
     return str(DEFAULT_CA_BUNDLE_PATH)
 
 
@@ -439,7 +448,7 @@ def _direct_pool(session: requests.Session, url: str) -> Optional[urllib3.PoolMa
             or session.cert or session.hooks.get("response"):
         return None
     origin = url.split("/", 3)[:3]
-    key = ("/".join(origin), session.verify)
+    key = ("/".join(origin), session.trust_env)
     with _direct_lock:
         if key not in _direct_ok:
             proxies = get_environ_proxies(url) if session.trust_env else {}
@@ -453,6 +462,9 @@ def _direct_pool(session: requests.Session, url: str) -> Optional[urllib3.PoolMa
     if pool is None:
         if bundle is None:
             pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_NONE")
+        elif os.path.isdir(bundle):  # a c_rehash'd directory, as requests accepts
+            pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_REQUIRED",
+                                       ca_cert_dir=bundle)
         else:
             pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_REQUIRED",
                                        ca_certs=bundle)

@@ -9,6 +9,7 @@ for every deliberate difference from certbot's ``should_renew``.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -18,7 +19,8 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+import warnings
+from typing import Any, Callable, Iterator, Optional
 
 from cryptography import x509
 
@@ -46,6 +48,8 @@ class ScanSettings:
     user_agent: str = "certbot-batch"
     progress: bool = False
     rng: Optional[random.Random] = None
+    #: False: certbot's --no-verify-ssl (ARI and OCSP requests do not check TLS certificates)
+    verify_ssl: bool = True
 
 
 @dataclasses.dataclass
@@ -255,7 +259,8 @@ class Scanner:
         self.clock = clock
         self.limiter = ratelimit.RateLimiter(rate=settings.ari_rate,
                                              burst=max(1.0, settings.ari_rate))
-        self.ari_client = ari.AriClient(timeout=(min(5.0, settings.timeout), settings.timeout),
+        self.ari_client = ari.AriClient(session_factory=self._new_session,
+                                        timeout=(min(5.0, settings.timeout), settings.timeout),
                                         rate_limiter=self.limiter,
                                         user_agent=settings.user_agent)
         self._local = threading.local()
@@ -264,12 +269,20 @@ class Scanner:
         self._count_lock = threading.Lock()
 
     # -- network, in worker threads ------------------------------------------------------
+    def _new_session(self) -> Any:
+        import requests
+
+        sess = requests.Session()
+        # certbot's --no-verify-ssl applies to every request certbot makes, ARI included
+        # (certbot's own ARI client is acme's ClientNetwork(verify_ssl=...)); otherwise
+        # requests' own CA bundle rules (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE), as certbot.
+        sess.verify = self.settings.verify_ssl
+        return sess
+
     def _session(self) -> Any:
         sess = getattr(self._local, "session", None)
         if sess is None:
-            import requests
-
-            sess = requests.Session()
+            sess = self._new_session()
             sess.headers["User-Agent"] = self.settings.user_agent
             self._local.session = sess
         return sess
@@ -368,15 +381,16 @@ class Scanner:
         # Network checks start while the remaining confs are still being read: the reading
         # is CPU work in this thread, the checks mostly wait for the CA.
         net = _NetworkRun(self, now)
-        try:
-            for path in conf_files:
-                want = self._read_one(path, known, now, states, broken)
-                if want is not None:
-                    net.submit(*want)
-        except BaseException:
-            net.abort()
-            raise
-        net.finish()
+        with _quiet_unverified(not self.settings.verify_ssl):
+            try:
+                for path in conf_files:
+                    want = self._read_one(path, known, now, states, broken)
+                    if want is not None:
+                        net.submit(*want)
+            except BaseException:
+                net.abort()
+                raise
+            net.finish()
         for state in states:
             if state.name in broken:
                 continue
@@ -452,6 +466,24 @@ def _repair_links(state: LineageState) -> None:
         logger.warning("certbot-batch: %s", outcome.message)
     if not outcome.ok:
         raise ValueError(outcome.message)
+
+
+@contextlib.contextmanager
+def _quiet_unverified(quiet: bool) -> Iterator[None]:
+    """With --no-verify-ssl, urllib3 warns (InsecureRequestWarning, on every new connection)
+    for each unverified request: thousands of lines in a scan, for a choice the user made.
+    Silenced while the scan's requests are in flight: entered and left in the scanning
+    thread, around the worker pool (every worker has finished when it is left), and the
+    scan is the only phase of the run with requests in flight, so certbot's own ACME
+    requests keep their warnings as stock."""
+    if not quiet:
+        yield
+        return
+    from urllib3.exceptions import InsecureRequestWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=InsecureRequestWarning)
+        yield
 
 
 class _NetworkRun:
