@@ -29,6 +29,7 @@ import sys
 import threading
 from typing import Any, Callable, Optional
 
+from certbot_batch import catalog
 from certbot_batch.context import RunContext, Scope
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,9 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MAJORS = (2, 3, 4, 5)
 MIN_VERSION = (2, 1)
 
-BATCH_PLUGINS = ("batch-webroot", "batch-apache")
+BATCH_PLUGINS = catalog.NAMES
 #: our plugin name -> the stock plugin whose saved settings it takes over.
-STOCK_EQUIVALENT = {"batch-webroot": "webroot", "batch-apache": "apache"}
+STOCK_EQUIVALENT = catalog.STOCK_EQUIVALENT
 
 
 @dataclasses.dataclass(frozen=True)

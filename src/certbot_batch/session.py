@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 from certbot import errors
 
-from certbot_batch import _certbot, options, paths, recovery, servers
+from certbot_batch import _certbot, catalog, options, paths, recovery, servers
 from certbot_batch.ca import backoff, ledger, pacing
 from certbot_batch.challenges import prevalidate, replaces
 from certbot_batch.context import RunContext, Scope
@@ -42,7 +42,8 @@ from certbot_batch.servers.base import ServerRef
 logger = logging.getLogger(__name__)
 
 _BATCH_LINE = re.compile(
-    r"^\s*(?:authenticator|installer)\s*=\s*(?:batch-webroot|batch-apache)\s*$", re.MULTILINE)
+    r"^\s*(?:authenticator|installer)\s*=\s*(?:" +
+    "|".join(re.escape(n) for n in catalog.NAMES) + r")\s*$", re.MULTILINE)
 #: With more not-due lineages than this, the summary is condensed to a count.
 LIST_LIMIT = 20
 #: certbot's random delay of non-interactive runs (renewal.handle_renewal_request)
@@ -70,7 +71,7 @@ def engaged(config: Any, conf_files: Optional[list[str]]) -> Optional[str]:
         return "enabled with --batch-engine / batch-engine = true"
     for attr in ("authenticator", "installer"):
         value = getattr(config, attr, None)
-        if isinstance(value, str) and value in _certbot.BATCH_PLUGINS:
+        if isinstance(value, str) and value in catalog.NAMES:
             return f"--{attr} {value}"
     for path in conf_files or ():
         if conf_names_batch_plugin(path):

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from certbot_batch import _certbot, paths
+from certbot_batch import _certbot, catalog, paths
 from certbot_batch.challenges.apache import ApacheChallengeProvisioner
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
@@ -32,7 +32,7 @@ from certbot_batch.context import RunContext, Scope
 logger = logging.getLogger(__name__)
 
 #: Authenticators whose perform() can join a batch.
-BATCH_AUTHENTICATORS = ("batch-webroot", "batch-apache")
+BATCH_AUTHENTICATORS = catalog.AUTHENTICATORS
 #: After a stop signal, how long the wave's workers may take to finish what is in flight.
 STOP_GRACE = 30.0
 
