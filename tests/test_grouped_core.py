@@ -137,11 +137,11 @@ class Wave:
                  plugins: Optional[dict[str, type]] = None,
                  hold: Optional[dict[str, threading.Event]] = None) -> None:
         self.zone = zone
-        self.ctx = SimpleNamespace(stopping=threading.Event())
+        self.stopping = threading.Event()
         self.batch = ChallengeBatch(list(lineages), NoFiles(),  # type: ignore[arg-type]
                                     wait_timeout=JOIN_TIMEOUT)
         self.journal = Journal(str(tmp_path / "dns.journal"))
-        self.wave = grouped._Wave(self.ctx, self.batch, self.journal)
+        self.wave = grouped.DnsWave(self.stopping, self.batch, self.journal)
         self.achalls = {n: [Achall(zone, n, name) for name in names]
                         for n, names in lineages.items()}
         self.results: dict[str, Any] = {}
@@ -369,7 +369,7 @@ def test_stop_while_waiting_for_an_earlier_round(
     try:
         assert waiting.wait(JOIN_TIMEOUT)
         assert zone.added.wait(JOIN_TIMEOUT)  # the earlier round's record is up
-        wave.ctx.stopping.set()
+        wave.stopping.set()
     finally:
         for event in held.values():
             event.set()

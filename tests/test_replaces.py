@@ -1,4 +1,5 @@
-"""The ``replaces`` field and the 409 alreadyReplaced retry (challenges/replaces.py).
+"""The ``replaces`` field and the 409 alreadyReplaced retry (challenges/replaces.py), through
+the seam's real wrappers and the renewal session's hooks.
 
 No CA available here answers ``alreadyReplaced`` (pebble 2.4 has no ARI), so the CA's side
 of the retry is a stand-in for ``ClientV2.new_order``; the payload is built by acme's real
@@ -8,14 +9,17 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import pytest
 from acme import client as acme_client
 from acme import messages
 
+from certbot_batch import _certbot, engine
 from certbot_batch.challenges import replaces
-from certbot_batch.context import RunContext
+from certbot_batch.run import Run
+from tests import fakes
 
 CERT_ID = "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
 
@@ -26,15 +30,28 @@ def _payload() -> dict[str, Any]:
     return dict(json.loads(order.json_dumps()))
 
 
-def _session(monkeypatch: pytest.MonkeyPatch, lookup: Any) -> RunContext:
-    """What _certbot.activate() does for these two internals: wrap them with replaces.py's
-    functions, reading the run context."""
-    ctx = RunContext(config=None, replaces_for=lookup)
-    monkeypatch.setattr(acme_client.ClientV2, "new_order",
-                        replaces.wrap_new_order(acme_client.ClientV2.new_order, lambda: ctx))
-    monkeypatch.setattr(messages.NewOrder, "to_partial_json",
-                        replaces.wrap_to_partial_json(messages.NewOrder.to_partial_json))
-    return ctx
+@pytest.fixture
+def activate(tmp_path: Path) -> Iterator[Any]:
+    """A renewal session, its lineage a.test inside its ARI window (``window=True``) or not,
+    activated through the seam (wrapping whatever ClientV2.new_order is at that moment)."""
+    if not engine.install():
+        pytest.skip(f"engine disabled here: {_certbot.disabled_reason()}")
+    scopes: list[Any] = []
+
+    def start(window: bool = True) -> Run:
+        session = fakes.session(tmp_path, clock=lambda: 1000.0)
+        fakes.add_record(session, "a.test", ari_cert_id=CERT_ID,
+                         window_start=900.0 if window else 2000.0)
+        scope = _certbot.activate(session.run)
+        scope.__enter__()
+        lineage = session.run.lineage_scope("a.test")
+        lineage.__enter__()
+        scopes.extend([lineage, scope])
+        return session.run
+
+    yield start
+    for scope in scopes:
+        scope.__exit__(None, None, None)
 
 
 @pytest.fixture
@@ -56,29 +73,28 @@ def fake_ca(monkeypatch: pytest.MonkeyPatch) -> list[Optional[str]]:
 
 
 def test_replaces_sent_then_retried_without_on_409(fake_ca: list[Optional[str]],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    _session(monkeypatch, lambda: CERT_ID)
+                                                     activate: Any) -> None:
+    activate()
     assert acme_client.ClientV2.new_order(object(), b"csr") == "order"  # type: ignore
     assert fake_ca == [CERT_ID, None]
 
 
-def test_no_replaces_when_lookup_has_none(fake_ca: list[Optional[str]],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    _session(monkeypatch, lambda: None)
+def test_no_replaces_outside_the_window(fake_ca: list[Optional[str]],
+                                        activate: Any) -> None:
+    activate(window=False)
     acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
     assert fake_ca == [None]
 
 
-def test_no_new_order_once_stopping(fake_ca: list[Optional[str]],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    ctx = _session(monkeypatch, lambda: CERT_ID)
-    ctx.stopping.set()
+def test_no_new_order_once_stopping(fake_ca: list[Optional[str]], activate: Any) -> None:
+    activate().stopping.set()
     with pytest.raises(replaces.Stopped):
         acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
     assert fake_ca == []
 
 
-def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch,
+                                      activate: Any) -> None:
     calls = []
 
     def new_order(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> str:
@@ -86,14 +102,14 @@ def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         raise messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="slow down")
 
     monkeypatch.setattr(acme_client.ClientV2, "new_order", new_order)
-    _session(monkeypatch, lambda: CERT_ID)
+    activate()
     with pytest.raises(messages.Error):
         acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
     assert calls == [CERT_ID]
 
 
 def test_replaces_is_thread_local(fake_ca: list[Optional[str]],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                  monkeypatch: pytest.MonkeyPatch, activate: Any) -> None:
     other_thread: list[Optional[str]] = []
     seen_in_order: list[Optional[str]] = []
 
@@ -105,7 +121,7 @@ def test_replaces_is_thread_local(fake_ca: list[Optional[str]],
         return "order"
 
     monkeypatch.setattr(acme_client.ClientV2, "new_order", order_and_peek)
-    _session(monkeypatch, lambda: CERT_ID)
+    activate()
     acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
     assert seen_in_order == [CERT_ID]
     assert other_thread == [None]

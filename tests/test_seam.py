@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from certbot_batch import _certbot
-from certbot_batch.context import RunContext
+from certbot_batch import _certbot, engine, run
+from tests import fakes
 
 
 def _current_values() -> dict[tuple[str, str], Any]:
@@ -27,8 +27,13 @@ def _current_values() -> dict[tuple[str, str], Any]:
 
 @pytest.fixture(autouse=True)
 def installed() -> None:
-    if not _certbot.install():
+    if not engine.install():
         pytest.skip(f"engine disabled here: {_certbot.disabled_reason()}")
+
+
+@pytest.fixture
+def a_run(tmp_path: Path) -> run.Run:
+    return fakes.session(tmp_path).run
 
 
 def test_every_entry_exists_on_this_certbot() -> None:
@@ -49,16 +54,15 @@ def test_table_entries_have_reasons_and_known_uses() -> None:
     assert len(keys) == len(set(keys))
 
 
-def test_session_patches_are_undone() -> None:
+def test_session_patches_are_undone(a_run: run.Run) -> None:
     before = _current_values()
     session_entries = [(e.module, e.attr) for e in _certbot.BOUNDARY if e.use == "wrap"]
-    ctx = RunContext(config=None)
-    with _certbot.activate(ctx):
-        assert _certbot.current() is ctx
+    with _certbot.activate(a_run):
+        assert run.current() is a_run
         during = _current_values()
         changed = {k for k in before if before[k] is not during[k]}
         assert changed == set(session_entries)
-    assert _certbot.current() is None
+    assert run.current() is None
     after = _current_values()
     assert all(after[k] is before[k] for k in before)
     # A method a class only inherits is not left pinned on the class.
@@ -67,7 +71,8 @@ def test_session_patches_are_undone() -> None:
         "to_partial_json" in vars(messages.NewOrder))
 
 
-def test_activate_fails_cleanly_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_activate_fails_cleanly_and_restores(monkeypatch: pytest.MonkeyPatch,
+                                             a_run: run.Run) -> None:
     before = _current_values()
     real = _certbot._replacement
     calls = []
@@ -80,14 +85,14 @@ def test_activate_fails_cleanly_and_restores(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(_certbot, "_replacement", broken)
     with pytest.raises(_certbot.Unavailable):
-        with _certbot.activate(RunContext(config=None)):
+        with _certbot.activate(a_run):
             pass
     after = _current_values()
     assert all(after[k] is before[k] for k in before)
-    assert _certbot.current() is None
+    assert run.current() is None
 
 
-def test_wrappers_pass_return_values_through() -> None:
+def test_wrappers_pass_return_values_through(a_run: run.Run) -> None:
     from certbot._internal import renewal, storage
 
     sentinel = object()
@@ -96,8 +101,8 @@ def test_wrappers_pass_return_values_through() -> None:
         return sentinel
     wrapped = _certbot._wrap_conf_files(fake_orig)
     assert wrapped(None) is sentinel
-    ctx = RunContext(config=None, conf_files=["a.conf"])
-    with _certbot.activate(ctx):
+    a_run.conf_files = ["a.conf"]
+    with _certbot.activate(a_run):
         assert storage.renewal_conf_files(None) == ["a.conf"]
         assert renewal.should_renew is not _certbot.original(
             "certbot._internal.renewal", "should_renew")
@@ -124,7 +129,7 @@ def test_mock_config_never_engages() -> None:
     assert session.handle_renewal_request(cfg, lambda: result) is result
 
 
-def test_makedirs_does_not_touch_umask(tmp_path: Path) -> None:
+def test_makedirs_does_not_touch_umask(tmp_path: Path, a_run: run.Run) -> None:
     from certbot.compat import filesystem
 
     old = os.umask(0o022)
@@ -138,7 +143,7 @@ def test_makedirs_does_not_touch_umask(tmp_path: Path) -> None:
                 os.umask(mask)
                 seen.add(mask)
 
-        with _certbot.activate(RunContext(config=None)):
+        with _certbot.activate(a_run):
             watcher = threading.Thread(target=watch)
             watcher.start()
             threads = [threading.Thread(target=lambda i=i: [
@@ -156,7 +161,7 @@ def test_makedirs_does_not_touch_umask(tmp_path: Path) -> None:
                 for d in (tmp_path / f"t{i}" / f"d{j}", tmp_path / f"t{i}" / f"d{j}" / "x"):
                     assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
         with pytest.raises(FileExistsError):
-            with _certbot.activate(RunContext(config=None)):
+            with _certbot.activate(a_run):
                 filesystem.makedirs(str(tmp_path / "t0"), 0o700)
     finally:
         os.umask(old)
@@ -170,7 +175,7 @@ class _Immutable(Exception):
         raise AttributeError("can't set attribute")
 
 
-def test_errors_cross_our_scopes_untouched() -> None:
+def test_errors_cross_our_scopes_untouched(a_run: run.Run) -> None:
     """@contextlib.contextmanager sets exc.__traceback__ on the way out, which turns acme
     2.x's rate-limit or CA errors into "AttributeError: can't set attribute" (Python 3.11):
     none of the scopes a CA error crosses may do that."""
@@ -180,10 +185,10 @@ def test_errors_cross_our_scopes_untouched() -> None:
     from certbot_batch.challenges.prevalidate import OrderGate
 
     scopes = {
-        "lineage_context": lambda: _certbot.lineage_context("a.test"),
+        "lineage scope": lambda: a_run.lineage_scope("a.test"),
         "order gate": lambda: OrderGate(["a.test"], threading.Event()).turn("a.test"),
-        "stop signals": lambda: session.stop_signals(RunContext(config=None)),
-        "activate": lambda: _certbot.activate(RunContext(config=None)),
+        "stop signals": lambda: session.stop_signals(a_run),
+        "activate": lambda: _certbot.activate(a_run),
     }
     errors = [_Immutable("the CA said no"),
               messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="slow")]

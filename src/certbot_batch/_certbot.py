@@ -12,6 +12,11 @@ each (module, attribute, why); the table drives both the version gate and the pa
 * the *session* entries are wrapped only while a renewal session runs (:func:`activate`)
   and put back exactly as they were when it ends.
 
+The seam carries no policy: its wrappers forward to typed hooks, :class:`ProcessHooks`
+(handed over by ``engine.py`` at install) and :class:`SessionHooks` (the renewal session,
+found through the current run of the run model). Nothing here imports the modules that
+implement them, so nothing below the session imports upward.
+
 On a certbot we have not been tested against, or one whose internals moved, or on any
 exception while checking or patching, we print one warning line and leave certbot exactly
 as it was: stock behaviour, no traceback, the same exit codes and return values.
@@ -27,10 +32,10 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
-from certbot_batch import catalog
-from certbot_batch.context import RunContext, Scope
+from certbot_batch import catalog, paths, run
+from certbot_batch.run import Run, Scope
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +43,64 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MAJORS = (2, 3, 4, 5)
 MIN_VERSION = (2, 1)
 
-BATCH_PLUGINS = catalog.NAMES
-#: our plugin name -> the stock plugin whose saved settings it takes over.
-STOCK_EQUIVALENT = catalog.STOCK_EQUIVALENT
+
+
+class ProcessHooks(Protocol):
+    """What the seam asks of certbot-batch for every certbot command (engine.py)."""
+
+    def handle_renewal_request(self, config: Any, stock: Callable[[], Any]) -> Any:
+        """certbot's handle_renewal_request: a renewal session, or ``stock()``."""
+
+    def dirs_ready(self, config: Any) -> None:
+        """certbot took its locks: finish what an interrupted run left (recovery)."""
+
+    def lock_refused(self, config: Any, exc: BaseException) -> bool:
+        """Another certbot holds a lock certbot wanted: True to end this run quietly
+        (exit 0, one line already said), False for certbot's own error."""
+
+
+class SessionHooks(Protocol):
+    """What the seam's session wrappers forward to (the renewal session implements it)."""
+
+    def should_renew(self, config: Any, lineage: Any) -> Optional[bool]:
+        """The scan's decision, or None to let certbot decide."""
+
+    def renew_cert(self, config: Any, lineage: Any, proceed: Callable[[], None]) -> None:
+        """Around certbot's renew_cert of one lineage (``proceed`` runs certbot's)."""
+
+    def obtained(self, name: str) -> tuple[bool, Any]:
+        """(found, result) of what was obtained ahead for lineage ``name``."""
+
+    def authenticator(self, auth: Any, config: Any) -> Any:
+        """The authenticator a lineage's issuance ahead of the loop uses (e.g. one whose
+        perform() joins the wave's DNS group)."""
+
+    def client_config(self, config: Any) -> Any:
+        """The config certbot's ACME client of the calling thread's lineage is built
+        from (the fallback CA's, when it is renewed from there)."""
+
+    def new_order(self, send: Callable[..., Any], client: Any, csr_pem: bytes,
+                  *args: Any, **kwargs: Any) -> Any:
+        """acme's new_order: ``send(client, csr_pem, ...)`` sends it."""
+
+    def replaces(self) -> Optional[str]:
+        """The certID the calling thread's NewOrder payload names in ``replaces``."""
+
+    def finalize(self, orig: Callable[..., Any], client: Any, orderr: Any,
+                 *args: Any, **kwargs: Any) -> Any:
+        """acme's finalize_order."""
+
+    def send_request(self, orig: Callable[..., Any], net: Any, method: str, url: str,
+                     *args: Any, **kwargs: Any) -> Any:
+        """acme's ClientNetwork._send_request (every ACME request)."""
+
+    def retrying(self, orig: Callable[..., Any], net: Any, *args: Any,
+                 **kwargs: Any) -> Any:
+        """acme's ClientNetwork._post_once / get (one ACME request, to retry after a
+        pause)."""
+
+    def failed_authorizations(self, problems: list[str]) -> None:
+        """The CA's reasons for the calling thread's failed validations."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +124,7 @@ _M = "certbot._internal.main"
 _S = "certbot._internal.storage"
 _D = "certbot._internal.plugins.disco"
 _H = "certbot._internal.hooks"
+_DNS = "certbot.plugins.dns_common"
 
 #: Every certbot and acme internal certbot-batch touches.
 BOUNDARY: tuple[Internal, ...] = (
@@ -98,7 +159,6 @@ BOUNDARY: tuple[Internal, ...] = (
              "process umask; from worker threads that races: a thread-safe one instead",
              "wrap", 2),
     Internal(_S, "renewal_file_for_certname", "the renewal conf of --cert-name", "call", 2),
-    Internal(_S, "lineagename_for_filename", "lineage name of a renewal conf", "call", 1),
     Internal(_R, "reconstitute|_reconstitute", "load a lineage as certbot's loop does",
              "call", 2),
     Internal(_R, "_avoid_invalidating_lineage", "certbot's checks before a renewal", "call", 3),
@@ -131,11 +191,40 @@ BOUNDARY: tuple[Internal, ...] = (
              "wrap", 2),
     Internal(_M, "_init_le_client", "a lineage renewed from the fallback CA is saved with "
              "its own renewal conf (primary server) by certbot's loop", "wrap", 3),
+    Internal(_DNS, "DNSAuthenticator._perform", "dns-01 groups follow each record through "
+             "the plugin's own per-record method (created?)", "call", 4),
+    Internal(_DNS, "DNSAuthenticator._cleanup", "dns-01 groups follow each record through "
+             "the plugin's own per-record method (removed?); recovery removes records",
+             "call", 4),
+    Internal(_DNS, "DNSAuthenticator._setup_credentials", "recovery builds a DNS plugin "
+             "from a renewal conf and journaled settings", "call", 1),
+    Internal("certbot._internal.plugins.manual", "Authenticator.cleanup", "the manual "
+             "plugin's env dict (the auth hook's variables and output, per challenge) is "
+             "journaled for the cleanup hook of a recovery", "read", required=False),
+    Internal("acme.client", "ClientNetwork.__init__", "the pacer keys account-wide rate "
+             "limits by the account URI ClientNetwork keeps (.account)", "read",
+             required=False),
 )
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {"installed": False, "disabled_reason": None, "originals": {}}
-_current: list[RunContext] = []
+
+
+@dataclasses.dataclass
+class SeamState:
+    """What the seam patched (to put it back), whether it is on, and why not."""
+    installed: bool = False
+    disabled_reason: Optional[str] = None
+    #: (module, attr) -> (owner, attribute name, what to put back)
+    originals: dict[tuple[str, str], tuple[Any, str, Any]] = \
+        dataclasses.field(default_factory=dict)
+    hooks: Optional[ProcessHooks] = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def _seam() -> SeamState:
+    with run.PROCESS.lock:
+        if run.PROCESS.seam is None:
+            run.PROCESS.seam = SeamState()
+        return run.PROCESS.seam
 
 
 class Unavailable(Exception):
@@ -226,28 +315,31 @@ def _available(entry: Internal) -> bool:
 
 def disabled_reason() -> Optional[str]:
     """Why the renewal engine is off, or None when it is active."""
-    return _state["disabled_reason"]
+    return _seam().disabled_reason
 
 
 def is_active() -> bool:
-    return bool(_state["installed"]) and _state["disabled_reason"] is None
+    state = _seam()
+    return state.installed and state.disabled_reason is None
 
 
-def install() -> bool:
-    """Check this certbot once per process and wrap the permanent entries. Returns True when
-    the engine is active. Never raises."""
-    with _lock:
-        if _state["installed"] or _state["disabled_reason"]:
+def install(hooks: ProcessHooks) -> bool:
+    """Check this certbot once per process and wrap the permanent entries, forwarding to
+    ``hooks``. Returns True when the engine is active. Never raises."""
+    state = _seam()
+    with state.lock:
+        if state.installed or state.disabled_reason:
             return is_active()
+        state.hooks = hooks
         try:
-            return _install()
+            return _install(state)
         except Exception as exc:  # noqa: BLE001  (the first law: never break certbot)
-            _undo(_state["originals"])
+            _undo(state.originals)
             return _disable(f"could not hook into certbot {certbot_version()} "
                             f"({type(exc).__name__}: {exc})")
 
 
-def _install() -> bool:
+def _install(state: SeamState) -> bool:
     version = certbot_version()
     numbers = _version_tuple(version)
     if not numbers or numbers[0] not in SUPPORTED_MAJORS or numbers < MIN_VERSION:
@@ -265,13 +357,12 @@ def _install() -> bool:
     if not any(_available(e) for e in by_user):
         return _disable(f"certbot {version} has neither cli.set_by_cli nor "
                         "NamespaceConfig.set_by_user")
-    originals: dict[tuple[str, str], tuple[Any, str, Any]] = _state["originals"]
     for entry in BOUNDARY:
         if entry.use == "wrap-always":
             owner, attr = resolve(entry)
-            originals[(entry.module, entry.attr)] = (owner, attr, _saved(owner, attr))
+            state.originals[(entry.module, entry.attr)] = (owner, attr, _saved(owner, attr))
             setattr(owner, attr, _replacement(entry, _raw(owner, attr)))
-    _state["installed"] = True
+    state.installed = True
     return True
 
 
@@ -297,7 +388,7 @@ def _undo(originals: dict[tuple[str, str], tuple[Any, str, Any]]) -> None:
 
 
 def _disable(reason: str) -> bool:
-    _state["disabled_reason"] = reason
+    _seam().disabled_reason = reason
     message = (f"certbot-batch: renewal engine disabled: {reason}. certbot runs as stock; "
                "upgrade certbot-batch or use a supported certbot.")
     # Plugins are imported before certbot has set up its logging (and certbot 2.x does not
@@ -310,7 +401,7 @@ def _disable(reason: str) -> bool:
 
 def original(module: str, attr: str) -> Any:
     """The unwrapped function of a table entry."""
-    saved = _state["originals"].get((module, attr))
+    saved = _seam().originals.get((module, attr))
     if saved is not None and saved[2] is not _INHERITED:
         return saved[2]
     for entry in BOUNDARY:
@@ -328,22 +419,20 @@ def _orig(module: str, attr: str) -> Callable[..., Any]:
     return value  # type: ignore[no-any-return]
 
 
-# -- the run context ---------------------------------------------------------------------
+# -- the session's patches -----------------------------------------------------------------
 
-def current() -> Optional[RunContext]:
-    """The run context of the renewal session in progress, or None."""
-    return _current[-1] if _current else None
-
-
-def activate(ctx: RunContext) -> Scope:
-    """Publish ``ctx`` and wrap the session entries of the table (on entering); undone on
-    leaving. Entering raises Unavailable (nothing left patched) when that cannot be done."""
+def activate(session: Run) -> Scope:
+    """Publish ``session`` as the current run and wrap the session entries of the table (on
+    entering); undone on leaving. Entering raises Unavailable (nothing left patched) when
+    that cannot be done."""
     done: dict[tuple[str, str], tuple[Any, str, Any]] = {}
+    published = run.publish(session)
+    state = _seam()
 
-    def enter() -> RunContext:
+    def enter() -> Run:
         if not is_active():
             raise Unavailable(disabled_reason() or "certbot-batch is not installed")
-        with _lock:
+        with state.lock:
             try:
                 for entry in BOUNDARY:
                     if entry.use != "wrap":
@@ -351,48 +440,30 @@ def activate(ctx: RunContext) -> Scope:
                     owner, attr = resolve(entry)
                     raw = _raw(owner, attr)
                     done[(entry.module, entry.attr)] = (owner, attr, _saved(owner, attr))
-                    _state["originals"][(entry.module, entry.attr)] = (owner, attr, raw)
+                    state.originals[(entry.module, entry.attr)] = (owner, attr, raw)
                     setattr(owner, attr, _replacement(entry, raw))
             except Exception as exc:
                 _undo(done)
                 raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
-            _current.append(ctx)
-        return ctx
+            published.__enter__()
+        return session
 
     def leave() -> None:
-        with _lock:
-            if ctx in _current:
-                _current.remove(ctx)
+        with state.lock:
+            published.__exit__(None, None, None)
             for key in done:
-                _state["originals"].pop(key, None)
+                state.originals.pop(key, None)
             _undo(done)
 
     return Scope(enter, leave)
 
 
-def lineage_context(name: Optional[str]) -> Scope:
-    """Mark the calling thread as working on lineage ``name`` (inside a session)."""
-    ctx = current()
-    saved: list[Any] = []
-
-    def enter() -> None:
-        if ctx is not None:
-            saved.append(getattr(ctx.local, "lineage", None))
-            ctx.local.lineage = name
-
-    def leave() -> None:
-        if ctx is not None and saved:
-            ctx.local.lineage = saved.pop()
-
-    return Scope(enter, leave)
+def _hooks() -> Optional[SessionHooks]:
+    current = run.current()
+    return current.hooks if current is not None else None
 
 
-def current_lineage() -> Optional[str]:
-    ctx = current()
-    return ctx.current_lineage() if ctx is not None else None
-
-
-# -- wrappers ----------------------------------------------------------------------------
+# -- wrappers: no policy, only forwarding -------------------------------------------------
 
 def _replacement(entry: Internal, raw: Any) -> Any:
     key = (entry.module, entry.attr)
@@ -400,32 +471,30 @@ def _replacement(entry: Internal, raw: Any) -> Any:
     return factory(raw)
 
 
+def _process_hooks() -> Optional[ProcessHooks]:
+    return _seam().hooks
+
+
 def _wrap_handle_renewal_request(orig: Callable[..., Any]) -> Callable[..., Any]:
     def handle_renewal_request(config: Any, *args: Any, **kwargs: Any) -> Any:
-        from certbot_batch import session
-
         def stock(cfg: Any = None) -> Any:
             return orig(config if cfg is None else cfg, *args, **kwargs)
 
-        if args or kwargs:
+        hooks = _process_hooks()
+        if args or kwargs or hooks is None:
             return stock()  # a signature we do not know: certbot's own, untouched
-        return session.handle_renewal_request(config, stock)
+        return hooks.handle_renewal_request(config, stock)
     handle_renewal_request.__wrapped__ = orig  # type: ignore[attr-defined]
     return handle_renewal_request
 
 
-def _skip_if_locked(config: Any, exc: BaseException) -> None:
-    """--batch-skip-if-locked: another certbot run holds one of certbot's locks (an hourly
-    timer meeting a long run): one line, exit 0, nothing else, instead of an error mail
-    every hour. Returns when the option is not given or ``exc`` is not certbot's
-    LockError (the caller re-raises: certbot's own message and exit code)."""
-    if getattr(config, "batch_skip_if_locked", False) is not True or \
-            type(exc).__name__ != "LockError":
-        return
-    with contextlib.suppress(Exception):
-        sys.stderr.write(f"certbot-batch: {exc} Nothing to do for this run "
-                         "(--batch-skip-if-locked).\n")
-    raise SystemExit(0) from None
+def _lock_refused(config: Any, exc: BaseException) -> None:
+    """certbot could not take one of its locks: the process hooks may end the run quietly
+    (--batch-skip-if-locked); otherwise the caller re-raises (certbot's own error)."""
+    hooks = _process_hooks()
+    if hooks is not None and type(exc).__name__ == "LockError" and \
+            hooks.lock_refused(config, exc):
+        raise SystemExit(0) from None
 
 
 def _wrap_log_setup(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -435,7 +504,7 @@ def _wrap_log_setup(orig: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return orig(config, *args, **kwargs)
         except Exception as exc:
-            _skip_if_locked(config, exc)
+            _lock_refused(config, exc)
             raise
     post_arg_parse_setup.__wrapped__ = orig  # type: ignore[attr-defined]
     return post_arg_parse_setup
@@ -446,15 +515,15 @@ def _wrap_make_dirs(orig: Callable[..., Any]) -> Callable[..., Any]:
         try:
             result = orig(config, *args, **kwargs)
         except Exception as exc:
-            _skip_if_locked(config, exc)
+            _lock_refused(config, exc)
             raise
-        try:
-            from certbot_batch import recovery
-
-            recovery.on_certbot_start(config)
-        except Exception:  # noqa: BLE001  (recovery must never break a certbot command)
-            logger.warning("certbot-batch: recovery of an interrupted run failed; the next "
-                           "run tries again", exc_info=True)
+        hooks = _process_hooks()
+        if hooks is not None:
+            try:
+                hooks.dirs_ready(config)
+            except Exception:  # noqa: BLE001  (recovery must never break a certbot command)
+                logger.warning("certbot-batch: recovery of an interrupted run failed; the "
+                               "next run tries again", exc_info=True)
         return result
     make_or_verify_needed_dirs.__wrapped__ = orig  # type: ignore[attr-defined]
     return make_or_verify_needed_dirs
@@ -462,18 +531,18 @@ def _wrap_make_dirs(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 def _wrap_conf_files(orig: Callable[..., Any]) -> Callable[..., Any]:
     def renewal_conf_files(config: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.conf_files is not None:
-            return list(ctx.conf_files)
+        current = run.current()
+        if current is not None and current.conf_files is not None:
+            return list(current.conf_files)
         return orig(config, *args, **kwargs)
     return renewal_conf_files
 
 
 def _wrap_should_renew(orig: Callable[..., Any]) -> Callable[..., Any]:
     def should_renew(config: Any, lineage: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.should_renew is not None:
-            verdict = ctx.should_renew(config, lineage)
+        hooks = _hooks()
+        if hooks is not None:
+            verdict = hooks.should_renew(config, lineage)
             if verdict is not None:
                 return bool(verdict)
         return orig(config, lineage, *args, **kwargs)
@@ -491,8 +560,8 @@ def _wrap_restore(orig: Callable[..., Any]) -> Callable[..., Any]:
         changed = False
         for key in ("authenticator", "installer"):
             value = swapped.get(key)
-            if value in STOCK_EQUIVALENT:
-                swapped[key] = STOCK_EQUIVALENT[value]
+            if value in catalog.STOCK_EQUIVALENT:
+                swapped[key] = catalog.STOCK_EQUIVALENT[value]
                 changed = True
         if changed:
             orig(config, swapped, *args, **kwargs)
@@ -502,9 +571,11 @@ def _wrap_restore(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 def _wrap_describe(orig: Callable[..., Any]) -> Callable[..., Any]:
     def _renew_describe_results(config: Any, *lists: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.hold_back_summary and len(lists) == 4 and not kwargs:
-            ctx.summaries.append(tuple(list(x) for x in lists))  # type: ignore[arg-type]
+        current = run.current()
+        if current is not None and current.hold_back_summary and len(lists) == 4 \
+                and not kwargs:
+            ok, failed, skipped, parse = (list(x) for x in lists)
+            current.summaries.append((ok, failed, skipped, parse))
             return None
         return orig(config, *lists, **kwargs)
     return _renew_describe_results
@@ -519,16 +590,16 @@ def describe_results(config: Any, successes: list[str], failures: list[str],
 
 def _wrap_renew_cert(orig: Callable[..., Any]) -> Callable[..., Any]:
     def renew_cert(config: Any, plugins: Any, lineage: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is None or ctx.renew_cert is None:
+        current = run.current()
+        if current is None:
             return orig(config, plugins, lineage, *args, **kwargs)
         result: list[Any] = []
 
         def proceed() -> None:
             result.append(orig(config, plugins, lineage, *args, **kwargs))
 
-        with lineage_context(lineage.lineagename):
-            ctx.renew_cert(config, lineage, proceed)
+        with current.lineage_scope(lineage.lineagename):
+            current.hooks.renew_cert(config, lineage, proceed)
         return result[0] if result else None
     return renew_cert
 
@@ -542,15 +613,15 @@ def _wrap_find_all(raw: Any) -> Any:
         objects are built each call, because certbot caches the initialised plugin on them
         and each lineage needs a plugin built from its own config."""
         fn = orig_cm.__get__(None, cls)
-        ctx = current()
-        if ctx is None:
+        current = run.current()
+        if current is None:
             return fn()
-        with ctx.lock:
-            eps = ctx.plugin_entry_points
+        with current.lock:
+            eps = current.plugin_entry_points
         if eps is None:
             registry = fn()
-            with ctx.lock:
-                ctx.plugin_entry_points = [ep.entry_point for ep in registry.values()]
+            with current.lock:
+                current.plugin_entry_points = [ep.entry_point for ep in registry.values()]
             return registry
         plugins: dict[str, Any] = {}
         for ep in eps:
@@ -569,12 +640,10 @@ def _load_entry_point(cls: Any, ep: Any, plugins: dict[str, Any]) -> None:
 
 def _wrap_obtain(orig: Callable[..., Any]) -> Callable[..., Any]:
     def obtain_certificate(self: Any, sans: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        name = ctx.current_lineage() if ctx is not None else None
-        if ctx is not None and name is not None:
-            with ctx.lock:
-                found = name in ctx.prefetched
-                result = ctx.prefetched.pop(name, None)
+        current = run.current()
+        name = current.current_lineage() if current is not None else None
+        if current is not None and name is not None:
+            found, result = current.hooks.obtained(name)
             if found:
                 if isinstance(result, BaseException):
                     raise result  # validated ahead and failed: no second attempt at the CA
@@ -588,7 +657,7 @@ def _wrap_signal_handlers(orig: Callable[..., Any]) -> Callable[..., Any]:
         # Worker threads cannot install signal handlers (Python allows it in the main
         # thread only), and inside a session the main thread's stop handler must stay in
         # place: it finishes the run (saves what was issued) instead of dying mid-save.
-        if current() is not None:
+        if run.current() is not None:
             return None
         return orig(self, *args, **kwargs)
     return _set_signal_handlers
@@ -596,9 +665,9 @@ def _wrap_signal_handlers(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 def _wrap_post_hooks(orig: Callable[..., Any]) -> Callable[..., Any]:
     def run_saved_post_hooks(*args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.hold_back_summary:
-            ctx.post_hook_calls.append((args, kwargs))
+        current = run.current()
+        if current is not None and current.hold_back_summary:
+            current.post_hook_calls.append((args, kwargs))
             return None
         return orig(*args, **kwargs)
     return run_saved_post_hooks
@@ -621,10 +690,8 @@ def _wrap_makedirs(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _makedirs_no_umask(path: str, mode: int) -> None:
-    from certbot_batch.paths import missing_dirs
-
     path = os.path.abspath(path)
-    missing = missing_dirs(path)
+    missing = paths.missing_dirs(path)
     if not missing:
         raise FileExistsError(17, "File exists", path)  # as os.makedirs(exist_ok=False)
     for directory in missing:
@@ -636,85 +703,95 @@ def _makedirs_no_umask(path: str, mode: int) -> None:
 
 
 def _wrap_new_order(orig: Callable[..., Any]) -> Callable[..., Any]:
-    from certbot_batch.challenges import replaces
-
-    return replaces.wrap_new_order(orig, current)
+    def new_order(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> Any:
+        hooks = _hooks()
+        if hooks is None:
+            return orig(self, csr_pem, *args, **kwargs)
+        return hooks.new_order(orig, self, csr_pem, *args, **kwargs)
+    new_order.__wrapped__ = orig  # type: ignore[attr-defined]
+    return new_order
 
 
 def _wrap_to_partial_json(orig: Callable[..., Any]) -> Callable[..., Any]:
-    from certbot_batch.challenges import replaces
-
-    return replaces.wrap_to_partial_json(orig)
+    def to_partial_json(self: Any, *args: Any, **kwargs: Any) -> Any:
+        data = orig(self, *args, **kwargs)
+        hooks = _hooks()
+        cert_id = hooks.replaces() if hooks is not None else None
+        if cert_id:
+            data = dict(data)
+            data["replaces"] = cert_id
+        return data
+    to_partial_json.__wrapped__ = orig  # type: ignore[attr-defined]
+    return to_partial_json
 
 
 def _wrap_finalize(orig: Callable[..., Any]) -> Callable[..., Any]:
-    from certbot_batch.challenges import replaces
-
     def finalize_order(self: Any, orderr: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.stopping.is_set():
-            raise replaces.Stopped("certbot-batch: the run is stopping (signal); the order "
-                                   "was not finalized")
-        if ctx is not None and ctx.pacer is not None:
-            return ctx.pacer.finalize(orig, self, ctx.current_lineage(), orderr, *args,
-                                      **kwargs)
-        return orig(self, orderr, *args, **kwargs)
+        hooks = _hooks()
+        if hooks is None:
+            return orig(self, orderr, *args, **kwargs)
+        return hooks.finalize(orig, self, orderr, *args, **kwargs)
     return finalize_order
 
 
 def _wrap_send_request(orig: Callable[..., Any]) -> Callable[..., Any]:
     def _send_request(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.pacer is not None:
-            return ctx.pacer.send(orig, self, method, url, *args, **kwargs)
-        return orig(self, method, url, *args, **kwargs)
+        hooks = _hooks()
+        if hooks is None:
+            return orig(self, method, url, *args, **kwargs)
+        return hooks.send_request(orig, self, method, url, *args, **kwargs)
     return _send_request
 
 
 def _wrap_retrying(orig: Callable[..., Any]) -> Callable[..., Any]:
     def retrying(self: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.pacer is not None:
-            return ctx.pacer.retrying(orig, ctx.stopping.is_set, self, *args, **kwargs)
-        return orig(self, *args, **kwargs)
+        hooks = _hooks()
+        if hooks is None:
+            return orig(self, *args, **kwargs)
+        return hooks.retrying(orig, self, *args, **kwargs)
     return retrying
 
 
 def _wrap_report_failed(orig: Callable[..., Any]) -> Callable[..., Any]:
     def _report_failed_authzrs(self: Any, failed_authzrs: Any, *args: Any,
                                **kwargs: Any) -> Any:
-        ctx = current()
-        name = ctx.current_lineage() if ctx is not None else None
-        if ctx is not None and name:
-            problems = []
-            with contextlib.suppress(Exception):
-                for authzr in failed_authzrs:
-                    ident = getattr(authzr.body.identifier, "value", authzr.body.identifier)
-                    for challb in authzr.body.challenges:
-                        if challb.error:
-                            problems.append(f"{ident}: {challb.error.typ.split(':')[-1]}: "
-                                            f"{challb.error.detail}")
-            with ctx.lock:
-                ctx.failure_detail[name] = "; ".join(problems)
+        hooks = _hooks()
+        if hooks is not None:
+            hooks.failed_authorizations(_problems(failed_authzrs))
         return orig(self, failed_authzrs, *args, **kwargs)
     return _report_failed_authzrs
+
+
+def _problems(failed_authzrs: Any) -> list[str]:
+    """"name: errorType: detail" of each failed challenge (acme's message objects)."""
+    problems: list[str] = []
+    with contextlib.suppress(AttributeError, TypeError):
+        for authzr in failed_authzrs:
+            ident = getattr(authzr.body.identifier, "value", authzr.body.identifier)
+            for challb in authzr.body.challenges:
+                if challb.error:
+                    problems.append(f"{ident}: {challb.error.typ.split(':')[-1]}: "
+                                    f"{challb.error.detail}")
+    return problems
 
 
 def _wrap_init_le_client(orig: Callable[..., Any]) -> Callable[..., Any]:
     def _init_le_client(config: Any, authenticator: Any, installer: Any, *args: Any,
                         **kwargs: Any) -> Any:
-        ctx = current()
-        name = ctx.current_lineage() if ctx is not None else None
-        fallback = ctx.fallback.get(name) if ctx is not None and name else None
-        if fallback is not None:
-            # Renewed from the fallback CA: its client talks to that CA, while certbot's
-            # loop saves the lineage with the lineage's own config (its server stays the
-            # primary one, so the next renewal goes back there).
-            config = copy.deepcopy(config)  # NamespaceConfig: a shallow copy shares values
-            config.server = fallback
-            config.account = None
+        hooks = _hooks()
+        if hooks is not None:
+            config = hooks.client_config(config)
         return orig(config, authenticator, installer, *args, **kwargs)
     return _init_le_client
+
+
+def fallback_config(config: Any, server: str) -> Any:
+    """``config`` for a client of another CA: its server, no account of the first one
+    (NamespaceConfig: a shallow copy would share its values)."""
+    config = copy.deepcopy(config)
+    config.server = server
+    config.account = None
+    return config
 
 
 _WRAPPERS: dict[tuple[str, str], Callable[[Any], Any]] = {
@@ -764,10 +841,6 @@ def renewal_conf_files(config: Any) -> list[str]:
 
 def renewal_file_for_certname(config: Any, certname: str) -> str:
     return str(_call(_S, "renewal_file_for_certname", config, certname))
-
-
-def lineage_name_for_file(path: str) -> str:
-    return str(_call(_S, "lineagename_for_filename", path))
 
 
 def reconstitute(config: Any, conf_file: str) -> Any:
@@ -829,10 +902,10 @@ def prepare_obtain(config: Any, lineage: Any, plugins: Any) -> Callable[[], Any]
         _call(_R, "_update_renewal_params_from_key", new_key, config)
     installer, auth = _call("certbot._internal.plugins.selection",
                             "choose_configurator_plugins", config, plugins, "certonly")
-    ctx = current()
-    if ctx is not None and ctx.wrap_authenticator is not None and auth is not None:
+    hooks = _hooks()
+    if hooks is not None and auth is not None:
         # e.g. a DNS plugin whose perform() joins the wave's grouped perform
-        auth = ctx.wrap_authenticator(auth, config)
+        auth = hooks.authenticator(auth, config)
     le_client = _call(_M, "_init_le_client", config, auth, installer)
     obtain = _orig("certbot._internal.client", "Client.obtain_certificate")
     return lambda: obtain(le_client, sans, new_key)
@@ -863,3 +936,47 @@ def observe_manual_env(auth: Any, callback: Callable[[Any, dict[str, str]], None
         return False
     auth.env = _ObservedEnv(env, callback)
     return True
+
+
+# -- DNS plugins (dns_common's per-record contract) ------------------------------------------
+
+def dns_record_methods(auth: Any) -> tuple[Callable[[str, str, str], None],
+                                           Callable[[str, str, str], None]]:
+    """The plugin's own per-record create and remove (``_perform``/``_cleanup`` of
+    certbot's ``dns_common.DNSAuthenticator``: every DNS plugin implements them)."""
+    return auth._perform, auth._cleanup  # type: ignore[no-any-return]
+
+
+def follow_dns_records(auth: Any, perform: Callable[[str, str, str], None],
+                       cleanup: Callable[[str, str, str], None]) -> None:
+    """Make the plugin object call ``perform``/``cleanup`` for each record (they call
+    the methods :func:`dns_record_methods` returned)."""
+    auth._perform = perform
+    auth._cleanup = cleanup
+
+
+def dns_setup_credentials(auth: Any) -> None:
+    """dns_common's credentials step (what its perform() does first)."""
+    auth._setup_credentials()
+
+
+def dns_remove_record(auth: Any, domain: str, validation_name: str, validation: str) -> None:
+    auth._cleanup(domain, validation_name, validation)
+
+
+def is_dns_common_flow(auth: Any) -> bool:
+    """Does the plugin use dns_common's own perform()/cleanup(), i.e. create and remove
+    each record through ``_perform``/``_cleanup``?"""
+    from certbot.plugins import dns_common
+
+    return type(auth).perform is dns_common.DNSAuthenticator.perform and \
+        type(auth).cleanup is dns_common.DNSAuthenticator.cleanup
+
+
+# -- acme --------------------------------------------------------------------------------------
+
+def account_uri(client: Any) -> str:
+    """The account URI an acme ClientV2 talks as (its ClientNetwork's ``account``)."""
+    net = getattr(client, "net", None)
+    account = getattr(net, "account", None)
+    return str(getattr(account, "uri", "") or "")

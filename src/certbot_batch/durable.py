@@ -24,18 +24,16 @@ import tempfile
 import threading
 from typing import Any, Iterable, Optional
 
+from certbot_batch import run
+
 logger = logging.getLogger(__name__)
-
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
 
 def warn_once(key: str, message: str, *args: Any) -> None:
     """One warning per process and key (a record read by many lineages is one problem)."""
-    with _warned_lock:
-        if key in _warned:
+    with run.PROCESS.lock:
+        if key in run.PROCESS.warned:
             return
-        _warned.add(key)
+        run.PROCESS.warned.add(key)
     logger.warning(message, *args)
 
 

@@ -14,7 +14,6 @@ post-hooks with RENEWED_DOMAINS / FAILED_DOMAINS.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import logging
@@ -31,10 +30,10 @@ from certbot import errors
 
 from certbot_batch import _certbot, catalog, options, paths, recovery, servers
 from certbot_batch.ca import backoff, ledger, pacing
-from certbot_batch.challenges import prevalidate, replaces
-from certbot_batch.context import RunContext, Scope
+from certbot_batch.challenges import grouped, prevalidate, replaces
 from certbot_batch.deploy import finish, pending, reload
 from certbot_batch.deploy import hooks as batch_hooks
+from certbot_batch.run import LineageRecord, Outcome, Run, Scope
 from certbot_batch.scan.engine import Scanner, ScanReport, ScanSettings, fmt_time
 from certbot_batch.scan.state import LineageState, StateDB
 from certbot_batch.servers.base import ServerRef
@@ -113,13 +112,15 @@ def handle_renewal_request(config: Any, stock: Callable[..., Any]) -> Any:
     try:
         conf_files = _conf_files(config)
         why = engaged(config, conf_files) if conf_files is not None else None
-    except Exception:  # noqa: BLE001  (an odd config: certbot's own behaviour, untouched)
-        logger.debug("certbot-batch: not engaging", exc_info=True)
+    except (TypeError, AttributeError, ValueError, OSError) as exc:
+        # A config certbot's own unit tests build from mocks, or an unreadable renewal
+        # directory: certbot's own behaviour (and its own error), untouched.
+        logger.debug("certbot-batch: not engaging (%s)", exc)
         why = None
     if why is None or conf_files is None or not _certbot.is_active():
         return stock_then_pending(config, stock)
     logger.info("certbot-batch renewal session (%s)", why)
-    return RenewalSession(config, stock, conf_files).run()
+    return RenewalSession(config, stock, conf_files).run_session()
 
 
 def stock_then_pending(config: Any, stock: Callable[..., Any]) -> Any:
@@ -139,7 +140,7 @@ def stock_then_pending(config: Any, stock: Callable[..., Any]) -> Any:
     return result
 
 
-def stop_signals(ctx: RunContext) -> Scope:
+def stop_signals(session: Run) -> Scope:
     """While the session runs, a stop signal means: start no new order, save what the CA
     already issued, clean up, deploy, then exit non-zero. A second one stops at once
     (the journal and the pending-deployment record let the next run finish the job)."""
@@ -147,18 +148,18 @@ def stop_signals(ctx: RunContext) -> Scope:
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if ctx.stopping.is_set():
-            batch = ctx.batch
+        if session.stopping.is_set():
+            batch = session.batch()
             if batch is not None:
-                with contextlib.suppress(Exception), batch.locked():
+                with batch.locked():
                     batch.finish()
             logger.warning("certbot-batch: %s again: stopping now", name)
             logging.shutdown()
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             os._exit(128 + signum)  # not reached: the default action ends the process
-        ctx.stop_signal = name
-        ctx.stopping.set()
+        session.stop_signal = name
+        session.stopping.set()
         logger.warning("certbot-batch: %s received: no new orders; saving the certificates "
                        "the CA already issued, then stopping (send it again to stop at once)",
                        name)
@@ -190,97 +191,119 @@ def _urgency(state: LineageState) -> float:
 
 
 class RenewalSession:
-    def __init__(self, config: Any, stock: Callable[..., Any], conf_files: list[str]) -> None:
+    """One ``certbot renew`` run owned by certbot-batch. Its state is the run model
+    (``run.Run``: one record per lineage); it answers the seam's session hooks
+    (``_certbot.SessionHooks``) for the calls certbot makes while it runs."""
+
+    def __init__(self, config: Any, stock: Callable[..., Any], conf_files: list[str],
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.stock = stock
         self.conf_files = conf_files
+        self.clock = clock
+        self.dry_run = bool(getattr(config, "dry_run", False))
         self.report: Optional[ScanReport] = None
-        self.renewed: list[str] = []
-        self.failed: list[str] = []
-        self.not_attempted: list[str] = []
-        #: due lineages waiting out their failure backoff (not sent to the CA)
-        self.backing_off: list[LineageState] = []
-        #: lineage -> why it was not sent: an account-wide rate limit earlier in the run
-        self.deferred: dict[str, str] = {}
-        self.from_fallback: list[str] = []
-        self.db: Optional[StateDB] = None
-        self.ctx = RunContext(config=config)
+        #: what certbot's loop returned, and the errors it raised (per wave)
         self.results: list[Any] = []
         self.loop_errors: list[errors.Error] = []
         self.deploy_problems: list[str] = []
-        self.not_deployed: dict[str, str] = {}
+        #: deployments of earlier runs still not done after this run's attempt
+        self.earlier_not_deployed: dict[str, str] = {}
         self.waves = 0
         self.provision_calls = 0
-        self.pending = pending.PendingDeployments(config)
-        #: every backoff decision, also where the state DB cannot lose it (ca/ledger.py)
-        self.ledger = ledger.Ledger(config)
-        #: lineages whose failure was recorded as soon as their wave ended
-        self._failure_noted: set[str] = set()
-        #: deployments of earlier runs that are still not done after this run's attempt
-        self.earlier_not_deployed: dict[str, str] = {}
-        self.installer_of: dict[str, Optional[str]] = {}
+        self.run = Run(
+            config=config, hooks=self,
+            db=StateDB(paths.state_db_path(config)),
+            ledger=ledger.Ledger(config),
+            pacer=pacing.AcmePacer(
+                rate=float(getattr(config, "batch_acme_rate", None) or pacing.DEFAULT_RATE)),
+            deploy=reload.DeployRun(),
+            pending=pending.PendingDeployments(config))
+
+    # -- projections of the run model -------------------------------------------------------
+    def _names(self, *outcomes: Outcome) -> list[str]:
+        return [r.name for r in self.run.with_outcome(*outcomes)]
+
+    @property
+    def renewed(self) -> list[str]:
+        return self._names(Outcome.RENEWED, Outcome.NOT_DEPLOYED)
+
+    @property
+    def not_deployed(self) -> dict[str, str]:
+        return {r.name: r.detail for r in self.run.with_outcome(Outcome.NOT_DEPLOYED)}
+
+    @property
+    def not_attempted(self) -> list[str]:
+        return self._names(Outcome.NOT_ATTEMPTED)
+
+    @property
+    def deferred(self) -> dict[str, str]:
+        return {r.name: r.detail for r in self.run.with_outcome(Outcome.DEFERRED)}
+
+    @property
+    def backing_off(self) -> list[LineageState]:
+        return [r.state for r in self.run.with_outcome(Outcome.BACKING_OFF)]
+
+    @property
+    def from_fallback(self) -> list[str]:
+        return [r.name for r in self.run.with_outcome(Outcome.RENEWED, Outcome.NOT_DEPLOYED)
+                if r.fallback]
 
     # -- the run ------------------------------------------------------------------------
-    def run(self) -> Any:
+    def run_session(self) -> Any:
         config = self.config
-        ctx = self.ctx
-        options.validate(config)
-        reload.preflight(config)
-        self.db = StateDB(paths.state_db_path(config))
+        session = self.run
         try:
-            report = Scanner(settings_from(config), self.db).scan(
+            options.validate(config)
+            reload.preflight(config)
+            report = Scanner(settings_from(config), session.db).scan(
                 self.conf_files, full=not getattr(config, "certname", None))
             self.report = report
-            changed = self.ledger.apply(report.states)
+            for state in report.states:
+                outcome = Outcome.BROKEN if state.name in report.broken else \
+                    Outcome.DUE if state.due else Outcome.NOT_DUE
+                session.records[state.name] = LineageRecord(state.name, state, outcome)
+            changed = session.ledger.apply(report.states)
             if changed:
                 logger.info("certbot-batch: backoff of %d lineage(s) taken from the ledger "
                             "(the state database did not have it)", changed)
-                if not getattr(config, "dry_run", False):
-                    self.db.save(report.states)
+                if not self.dry_run:
+                    session.db.save(report.states)
             self._announce(report)
-            ctx.pacer = pacing.AcmePacer(
-                rate=float(getattr(config, "batch_acme_rate", None) or pacing.DEFAULT_RATE))
-            ctx.should_renew = self._should_renew
-            ctx.renew_cert = self._renew_cert
-            ctx.replaces_for = self._replaces_for_current
-            from certbot_batch.challenges import grouped  # DNS plugins, manual: grouped
-            ctx.wrap_authenticator = grouped.wrap_authenticator
-            deploy_run = reload.begin(ctx)
-            with stop_signals(ctx):
-                activation: Optional[Scope] = _certbot.activate(ctx)
+            with stop_signals(session):
+                activation: Optional[Scope] = _certbot.activate(session)
                 try:
                     activation.__enter__()  # type: ignore[union-attr]
                 except _certbot.Unavailable as exc:
                     logger.warning("certbot-batch: %s; certbot renews as stock", exc)
                     activation = None
                 if activation is not None:
-                    ctx.hold_back_summary = True
+                    session.hold_back_summary = True
                     try:
                         self._renew_in_waves(report)
                     finally:
-                        ctx.hold_back_summary = False
+                        session.hold_back_summary = False
                         activation.__exit__(None, None, None)  # certbot as stock from here
-                    self._deploy(deploy_run)
+                    self._deploy()
             if activation is None:
                 return stock_then_pending(config, self.stock)
             return self._finish(report)
         finally:
-            self.ledger.flush()
-            self.db.close()
+            session.ledger.flush()
+            session.db.close()
 
     def _renew_in_waves(self, report: ScanReport) -> None:
-        config, ctx = self.config, self.ctx
-        now = time.time()
-        due = []
+        config, session = self.config, self.run
+        now = self.clock()
+        due: list[LineageRecord] = []
         # Urgency first: if the run cannot do everything (a pause, a rate limit, a stop), the
         # lineages closest to expiry (or to the end of their ARI window) went first.
-        for state in sorted((s for s in report.due if s.name not in report.broken),
-                            key=_urgency):
-            if backoff.backing_off(state, now, config):
-                self.backing_off.append(state)
+        for record in sorted(session.with_outcome(Outcome.DUE), key=lambda r: _urgency(r.state)):
+            if backoff.backing_off(record.state, now, config):
+                record.outcome = Outcome.BACKING_OFF
             else:
-                due.append(state)
-        broken_confs = [s.conf_path for s in report.states if s.name in report.broken]
+                due.append(record)
+        broken_confs = [r.conf_path for r in session.with_outcome(Outcome.BROKEN)]
         size = int(getattr(config, "batch_size", None) or 100)
         waves = [due[i:i + size] for i in range(0, len(due), size)] or [[]]
         slept = False
@@ -289,111 +312,120 @@ class RenewalSession:
             if wave and not slept:
                 slept = True
                 self._random_sleep()
-            if ctx.stopping.is_set():
-                self.not_attempted.extend(s.name for s in wave)
+            if session.stopping.is_set():
+                for record in wave:
+                    record.outcome = Outcome.NOT_ATTEMPTED
                 continue
             prepared, unloadable = self._prepare(wave)
-            batchable = [p for p in prepared if prevalidate.batchable(p.config)
-                         and p.name not in ctx.prefetched]
+            batchable = [r for r in prepared if not r.has_result and
+                         prevalidate.batchable(r.config)]
             if batchable:
-                _certbot.notify(f"certbot-batch: validating {len(batchable)} lineage(s) "
-                                f"together" + (f" (wave {index + 1} of {len(waves)})"
-                                               if len(waves) > 1 else ""))
-                wave_report = prevalidate.run_wave(ctx, batchable)
-                self.waves += 1
-                self.provision_calls += wave_report.provision_calls
-                with ctx.lock:
-                    ctx.prefetched.update(wave_report.results)
-                self._fallback(batchable, wave_report)
-                # The wave's failures are known before certbot's loop runs: their backoff is
-                # durable before anything else happens (a kill in the loop keeps it).
-                for item in batchable:
-                    result = ctx.prefetched.get(item.name)
-                    if isinstance(result, BaseException) and \
-                            not isinstance(result, replaces.Stopped) and \
-                            pacing.deferral(result) is None:
-                        self._record_failure(item.name, result)
-                        self._failure_noted.add(item.name)
-                self.ledger.flush()
-                _certbot.notify(
-                    f"certbot-batch: {len(wave_report.ok)} lineage(s) validated and issued, "
-                    f"{len(wave_report.failed)} failed, in {wave_report.elapsed:.1f} s "
-                    f"({wave_report.provision_calls} provisioning action(s), "
-                    f"{wave_report.cleanup_calls} cleanup(s), {wave_report.files} "
-                    "challenge file(s))")
+                self._validate_together(index, len(waves), batchable)
             to_loop = []
-            for p in prepared:
-                result = ctx.prefetched.get(p.name, None)
-                deferred = pacing.deferral(result) if isinstance(result, BaseException) \
-                    else None
+            for record in prepared:
+                deferred = pacing.deferral(record.result) \
+                    if isinstance(record.result, BaseException) else None
                 if deferred is not None:
                     # The account hit an account-wide limit earlier in the run, or the CA
                     # was unavailable for longer than the pacer waits (pacing.CAUnavailable).
-                    self._defer(p.name, deferred)
-                    ctx.prefetched.pop(p.name, None)
+                    self._defer(record, deferred)
+                    record.take_result()
                     continue
-                started = p.name in ctx.prefetched and not isinstance(result, replaces.Stopped)
-                if ctx.stopping.is_set() and not started:
-                    self.not_attempted.append(p.name)
-                    ctx.prefetched.pop(p.name, None)
+                started = record.has_result and not isinstance(record.result,
+                                                               replaces.Stopped)
+                if session.stopping.is_set() and not started:
+                    record.outcome = Outcome.NOT_ATTEMPTED
+                    record.take_result()
                     continue
-                to_loop.append(p.conf_path)
-            to_loop += unloadable
+                to_loop.append(record)
+            confs = [r.conf_path for r in to_loop] + unloadable
             if index == 0:
-                to_loop += broken_confs
-            if not to_loop and (called or index < len(waves) - 1):
+                confs += broken_confs
+            if not confs and (called or index < len(waves) - 1):
                 continue
-            self.ledger.flush()  # deferrals
-            self._record_pending([p for p in prepared if p.conf_path in to_loop])
-            self._certbot_loop(to_loop)
-            self.ledger.flush()
+            session.ledger.flush()  # deferrals
+            self._record_pending(to_loop)
+            self._certbot_loop(confs)
+            session.ledger.flush()
             called = True
 
-    def _fallback(self, items: list[prevalidate.Prepared],
+    def _validate_together(self, index: int, count: int,
+                           records: list[LineageRecord]) -> None:
+        """The wave's issuance ahead of certbot's loop (prevalidate.py), the fallback CA for
+        what the own CA could not serve, and the failures' backoff, durable at once."""
+        session = self.run
+        _certbot.notify(f"certbot-batch: validating {len(records)} lineage(s) together" +
+                        (f" (wave {index + 1} of {count})" if count > 1 else ""))
+        wave_report = prevalidate.run_wave(session, index, records)
+        self.waves += 1
+        self.provision_calls += wave_report.provision_calls
+        self._take_results(records, wave_report)
+        self._fallback(index, records, wave_report)
+        # The wave's failures are known before certbot's loop runs: their backoff is durable
+        # before anything else happens (a kill in the loop keeps it).
+        for record in records:
+            result = record.result
+            if record.has_result and isinstance(result, BaseException) and \
+                    not isinstance(result, replaces.Stopped) and \
+                    pacing.deferral(result) is None:
+                self._record_failure(record, result)
+                record.failure_noted = True
+        session.ledger.flush()
+        _certbot.notify(
+            f"certbot-batch: {len(wave_report.ok)} lineage(s) validated and issued, "
+            f"{len(wave_report.failed)} failed, in {wave_report.elapsed:.1f} s "
+            f"({wave_report.provision_calls} provisioning action(s), "
+            f"{wave_report.cleanup_calls} cleanup(s), {wave_report.files} "
+            "challenge file(s))")
+
+    def _take_results(self, records: list[LineageRecord],
+                      wave: prevalidate.WaveReport) -> None:
+        with self.run.lock:
+            for record in records:
+                if record.name in wave.results:
+                    record.result = wave.results[record.name]
+                    record.has_result = True
+
+    def _fallback(self, index: int, records: list[LineageRecord],
                   wave: prevalidate.WaveReport) -> None:
         """Renew from the fallback CA, in the same run, the lineages of the wave that their
         own CA could not renew (unreachable, 5xx, rate limit) and that expire soon."""
         url = getattr(self.config, "batch_fallback_server", None)
-        if not isinstance(url, str) or not url or getattr(self.config, "dry_run", False):
+        if not isinstance(url, str) or not url or self.dry_run:
             return
-        assert self.report is not None
         within = float(getattr(self.config, "batch_fallback_within", None) or 7.0) * 86400
-        now = time.time()
+        now = self.clock()
         chosen = []
-        for item in items:
-            result = wave.results.get(item.name)
-            state = self.report.by_name().get(item.name)
+        for record in records:
+            result = wave.results.get(record.name)
+            not_after = record.state.not_after
             if not isinstance(result, BaseException) or not _ca_problem(result):
                 continue
-            if state is None or state.not_after is None or state.not_after - now > within:
+            if not_after is None or not_after - now > within:
                 continue
-            chosen.append(item)
+            chosen.append(record)
         if not chosen:
             return
-        for item in chosen:
-            self.ctx.fallback[item.name] = url
+        for record in chosen:
+            record.fallback = url
         _certbot.notify(f"certbot-batch: {len(chosen)} lineage(s) expiring within "
                         f"{within / 86400:g} days could not be renewed at their CA; "
                         f"renewing them from the fallback CA {url}")
-        report = prevalidate.run_wave(self.ctx, chosen)
-        with self.ctx.lock:
-            self.ctx.prefetched.update(report.results)
-        for item in chosen:
-            if isinstance(report.results.get(item.name), BaseException):
-                self.ctx.fallback.pop(item.name, None)
-            else:
-                self.from_fallback.append(item.name)
+        report = prevalidate.run_wave(self.run, index, chosen)
+        self._take_results(chosen, report)
+        for record in chosen:
+            if isinstance(report.results.get(record.name), BaseException):
+                record.fallback = None
         self.provision_calls += report.provision_calls
 
-    def _defer(self, name: str, exc: pacing.Deferred) -> None:
-        self.deferred[name] = str(exc)
-        state = self.report.by_name().get(name) if self.report is not None else None
-        if state is not None and self.db is not None and not getattr(self.config, "dry_run",
-                                                                      False):
-            backoff.record_failure(state, time.time(), str(exc), retry_after=exc.retry_after,
-                                   counts=False)
-            self.db.update(state)
-            self.ledger.note(state)
+    def _defer(self, record: LineageRecord, exc: pacing.Deferred) -> None:
+        record.outcome = Outcome.DEFERRED
+        record.detail = str(exc)
+        if not self.dry_run:
+            backoff.record_failure(record.state, self.clock(), str(exc),
+                                   retry_after=exc.retry_after, counts=False)
+            self.run.db.update(record.state)
+            self.run.ledger.note(record.state)
 
     def _random_sleep(self) -> None:
         """certbot's random delay for non-interactive runs, before the first order (certbot
@@ -406,58 +438,55 @@ class RenewalSession:
             return
         delay = random.uniform(1, RANDOM_SLEEP_MAX)
         logger.info("Non-interactive renewal: random delay of %s seconds", delay)
-        self.ctx.stopping.wait(delay)
+        self.run.stopping.wait(delay)
 
-    def _prepare(self, wave: list[LineageState]) -> tuple[list[prevalidate.Prepared],
-                                                          list[str]]:
+    def _prepare(self, wave: list[LineageRecord]) -> tuple[list[LineageRecord], list[str]]:
         """Load the wave's lineages as certbot's loop does, and run their pre-hooks (in this
         thread, before any provisioning or CA contact). Lineages that cannot be loaded are
         left to certbot's loop, which reports them in its own words."""
-        prepared, unloadable = [], []
-        for state in wave:
+        prepared: list[LineageRecord] = []
+        unloadable: list[str] = []
+        for record in wave:
             lineage_config = copy.deepcopy(self.config)
             try:
-                lineage = _certbot.reconstitute(lineage_config, state.conf_path)
-            except Exception:  # noqa: BLE001  (certbot's loop reports it)
-                lineage = None
+                lineage = _certbot.reconstitute(lineage_config, record.conf_path)
+            except (errors.Error, OSError, ValueError, KeyError):
+                lineage = None  # certbot's loop reports it, in its words
             if lineage is None:
-                unloadable.append(state.conf_path)
+                unloadable.append(record.conf_path)
                 continue
-            self.installer_of[state.name] = getattr(lineage_config, "installer", None)
-            problem = _installer_problem(state, lineage_config)
+            record.config, record.lineage = lineage_config, lineage
+            problem = _installer_problem(record.state, lineage_config)
             if problem is not None:
                 # Before any CA contact: renewing a certificate nobody can deploy helps no
                 # one. certbot's loop reports it as this lineage's failure, in its words.
                 logger.error("%s", problem)
-                with self.ctx.lock:
-                    self.ctx.prefetched[state.name] = errors.Error(problem)
-                prepared.append(prevalidate.Prepared(state.name, state.conf_path,
-                                                     lineage_config, lineage))
+                record.result, record.has_result = errors.Error(problem), True
+                prepared.append(record)
                 continue
             try:
                 _certbot.run_pre_hook(lineage_config)
             except errors.Error as exc:
-                logger.error("Pre-hook of %s: %s", state.name, exc)
-            prepared.append(prevalidate.Prepared(state.name, state.conf_path, lineage_config,
-                                                 lineage))
+                logger.error("Pre-hook of %s: %s", record.name, exc)
+            prepared.append(record)
         return prepared, unloadable
 
-    def _record_pending(self, items: list[prevalidate.Prepared]) -> None:
+    def _record_pending(self, records: list[LineageRecord]) -> None:
         """Before certbot's loop saves anything: record how these lineages are deployed
         (per server instance, and the batch deploy hooks)."""
-        if getattr(self.config, "dry_run", False) or not items:
+        if self.dry_run or not records:
             return
         by_server: dict[ServerRef, list[str]] = {}
-        for p in items:
-            ref = servers.ref_for(p.config)
+        for record in records:
+            ref = servers.ref_for(record.config)
             if ref is not None:
-                by_server.setdefault(ref, []).append(p.name)
-        self.pending.begin(by_server, batch_hooks.hook_commands(self.config),
-                           [p.name for p in items])
+                by_server.setdefault(ref, []).append(record.name)
+        self.run.pending.begin(by_server, batch_hooks.hook_commands(self.config),
+                               [r.name for r in records])
 
     def _certbot_loop(self, conf_files: list[str]) -> None:
         """certbot's own loop over ``conf_files`` (saving, hooks, its messages)."""
-        self.ctx.conf_files = list(conf_files)
+        self.run.conf_files = list(conf_files)
         cfg = copy.deepcopy(self.config)
         try:
             cfg.random_sleep_on_renew = False  # slept before the first order already
@@ -468,25 +497,26 @@ class RenewalSession:
         except errors.Error as exc:
             self.loop_errors.append(exc)
 
-    def _deploy(self, run: reload.DeployRun) -> None:
+    def _deploy(self) -> None:
         """One confirmed reload per server instance (this run's and any earlier run's
         pending ones), then the batch deploy hooks."""
-        if getattr(self.config, "dry_run", False):
+        if self.dry_run:
             return
         previous = {}
-        if self.report is not None:
-            for state in self.report.states:
-                if state.serial and state.name in self.renewed:
-                    try:
-                        previous[state.name] = int(state.serial, 16)
-                    except ValueError:
-                        pass
-        report = finish.finish(self.config, brief=False, run=run, run_lineages=self.renewed,
-                               previous=previous)
-        renewed = set(self.renewed)
+        for record in self.run.with_outcome(Outcome.RENEWED):
+            if record.state.serial:
+                try:
+                    previous[record.name] = int(record.state.serial, 16)
+                except ValueError:
+                    pass
+        renewed = self.renewed
+        report = finish.finish(self.config, brief=False, run=self.run.deploy,
+                               run_lineages=renewed, previous=previous)
         for name, why in report.not_deployed.items():
-            if name in renewed:
-                self.not_deployed[name] = why
+            found = self.run.record(name)
+            if found is not None and found.outcome is Outcome.RENEWED:
+                found.outcome = Outcome.NOT_DEPLOYED
+                found.detail = why
             else:
                 self.earlier_not_deployed[name] = why
         if self.not_deployed:  # said once, in the summary, next to what it concerns
@@ -506,12 +536,12 @@ class RenewalSession:
 
     # -- the end of the run: certbot's summary, post-hooks, exit code ----------------------
     def _finish(self, report: ScanReport) -> Any:
-        ctx = self.ctx
+        session = self.run
         successes: list[str] = []
         failures: list[str] = []
         skipped: list[str] = []
         parse_failures: list[str] = []
-        for s_ok, s_fail, s_skip, s_parse in ctx.summaries:
+        for s_ok, s_fail, s_skip, s_parse in session.summaries:
             successes += s_ok
             failures += s_fail
             skipped += s_skip
@@ -519,8 +549,8 @@ class RenewalSession:
         not_due = report.not_due
         # With --cert-name certbot's loop reads that one conf itself (and lists it when it is
         # not due); otherwise only due lineages reach it and the not-due ones are added here.
-        if not_due and len(not_due) <= LIST_LIMIT and not getattr(self.config, "certname",
-                                                                 None):
+        certname = getattr(self.config, "certname", None)
+        if not_due and len(not_due) <= LIST_LIMIT and not certname:
             skipped += [f"{self._fullchain(s)} expires on {_day(s.not_after)}" for s in not_due]
         if self.not_deployed or self.not_attempted:
             self._describe_ourselves(successes, failures, skipped, parse_failures)
@@ -528,21 +558,29 @@ class RenewalSession:
             _certbot.describe_results(self.config, successes, failures, skipped,
                                       parse_failures)
         self._describe_extras()
-        if len(not_due) > LIST_LIMIT and not getattr(self.config, "certname", None):
+        if len(not_due) > LIST_LIMIT and not certname:
             first = min(not_due, key=lambda s: s.not_after or 0.0)
             _certbot.notify(
                 f"{len(not_due)} certificates are not due for renewal yet (the earliest to "
                 f"expire is {first.name}, on {fmt_time(first.not_after)}); run "
                 "`certbot-batch status` for the full list.")
         renewed_domains, failed_domains, tuples = self._domains()
-        if ctx.post_hook_calls:
+        if session.post_hook_calls:
             # This certbot runs its post-hooks at the end of handle_renewal_request: once,
             # now, after the deployment, with every wave's domains.
-            args, _ = ctx.post_hook_calls[-1]
+            args, _ = session.post_hook_calls[-1]
             if args:
                 _certbot.run_post_hooks(renewed_domains, failed_domains)
             else:
                 _certbot.run_post_hooks()
+        problems = self._problems(failures, parse_failures)
+        if problems:
+            raise errors.Error("; ".join(problems))
+        return (renewed_domains, failed_domains) if tuples else None
+
+    def _problems(self, failures: list[str], parse_failures: list[str]) -> list[str]:
+        """Why the run exits non-zero (nothing: it exits 0)."""
+        session = self.run
         problems: list[str] = []
         if failures or parse_failures:
             problems.append(f"{len(failures)} renew failure(s), {len(parse_failures)} parse "
@@ -554,13 +592,11 @@ class RenewalSession:
             problems.append(f"{len(self.deferred)} renewal(s) deferred (their CA's rate limit, "
                             "or their CA unavailable)")
         if self.not_attempted:
-            problems.append(f"stopped by {ctx.stop_signal or 'a signal'}: "
+            problems.append(f"stopped by {session.stop_signal or 'a signal'}: "
                             f"{len(self.not_attempted)} due lineage(s) not attempted")
-        elif ctx.stopping.is_set():
-            problems.append(f"stopped by {ctx.stop_signal or 'a signal'}")
-        if problems:
-            raise errors.Error("; ".join(problems))
-        return (renewed_domains, failed_domains) if tuples else None
+        elif session.stopping.is_set():
+            problems.append(f"stopped by {session.stop_signal or 'a signal'}")
+        return problems
 
     def _describe_extras(self) -> None:
         """What certbot's summary cannot say: fallback renewals, deferrals, backoffs."""
@@ -576,13 +612,14 @@ class RenewalSession:
                          "Retry-After renews them):")
             logger.error("\n".join(f"  {self._fullchain_of(n)} (deferred: {why})"
                                    for n, why in sorted(self.deferred.items())))
-        if self.backing_off:
-            notify(f"{len(self.backing_off)} due certificate(s) are backing off after failed "
+        backing_off = self.backing_off
+        if backing_off:
+            notify(f"{len(backing_off)} due certificate(s) are backing off after failed "
                    "renewals and were not sent to the CA in this run (certbot-batch status "
                    "shows them; --force-renewal or --cert-name tries at once):")
-            notify("\n".join(f"  {backoff.describe(s)}" for s in self.backing_off[:LIST_LIMIT]))
-            if len(self.backing_off) > LIST_LIMIT:
-                notify(f"  ... and {len(self.backing_off) - LIST_LIMIT} more")
+            notify("\n".join(f"  {backoff.describe(s)}" for s in backing_off[:LIST_LIMIT]))
+            if len(backing_off) > LIST_LIMIT:
+                notify(f"  ... and {len(backing_off) - LIST_LIMIT} more")
 
     def _domains(self) -> tuple[list[Any], list[Any], bool]:
         renewed: list[Any] = []
@@ -594,7 +631,7 @@ class RenewalSession:
                 renewed += list(result[0])
                 failed += list(result[1])
         if not tuples:
-            for args, _ in self.ctx.post_hook_calls:
+            for args, _ in self.run.post_hook_calls:
                 if len(args) == 2:
                     renewed += list(args[0])
                     failed += list(args[1])
@@ -607,8 +644,9 @@ class RenewalSession:
         signal left out)."""
         notify = _certbot.notify
         frame = "- " * 39 + "-"
-        noun = "simulated renewal" if getattr(self.config, "dry_run", False) else "renewal"
-        by_path = {self._fullchain_of(n): n for n in self.not_deployed}
+        noun = "simulated renewal" if self.dry_run else "renewal"
+        not_deployed = self.not_deployed
+        by_path = {self._fullchain_of(n): n for n in not_deployed}
         deployed = [p for p in successes if p not in by_path]
         undeployed = [p for p in successes if p in by_path]
         notify(f"\n{frame}")
@@ -619,7 +657,7 @@ class RenewalSession:
             notify(f"The following {noun}s succeeded:")
             notify("\n".join(f"  {p} (success)" for p in deployed))
         if undeployed:
-            logger.error("%s", next(iter(self.not_deployed.values())))
+            logger.error("%s", next(iter(not_deployed.values())))
             logger.error("The following %ss succeeded, but the certificates are NOT deployed "
                          "yet (the next `certbot renew` deploys them once the web server's "
                          "problem is fixed):", noun)
@@ -630,7 +668,7 @@ class RenewalSession:
         if self.not_attempted:
             logger.error("The following certificates were not renewed: the run was stopped by "
                          "%s before their turn (the next run renews them):",
-                         self.ctx.stop_signal or "a signal")
+                         self.run.stop_signal or "a signal")
             logger.error("\n".join(f"  {self._fullchain_of(n)} (not attempted)"
                                    for n in self.not_attempted))
         if not (deployed or undeployed or failures or self.not_attempted):
@@ -646,69 +684,142 @@ class RenewalSession:
         return os.path.join(os.path.dirname(state.cert_path or ""), "fullchain.pem")
 
     def _fullchain_of(self, name: str) -> str:
-        state = self.report.by_name().get(name) if self.report else None
-        if state is not None:
-            return self._fullchain(state)
+        record = self.run.record(name)
+        if record is not None:
+            return self._fullchain(record.state)
         return os.path.join(str(self.config.config_dir), "live", name, "fullchain.pem")
 
-    # -- hooks into certbot's loop ------------------------------------------------------
-    def _replaces_for_current(self) -> Optional[str]:
-        """The certID a new order of the current thread's lineage replaces (ARI), if its
-        certificate is inside its suggested window (not for dry runs: nothing is replaced)."""
-        if self.report is None or getattr(self.config, "dry_run", False):
-            return None
-        name = self.ctx.current_lineage() or ""
-        if name in self.ctx.fallback:
-            return None  # another CA: it did not issue the certificate being replaced
-        state = self.report.by_name().get(name)
-        if state is None or not state.ari_cert_id or state.window_start is None:
-            return None
-        return state.ari_cert_id if state.window_start <= time.time() else None
-
-    def _should_renew(self, config: Any, lineage: Any) -> Optional[bool]:
-        assert self.report is not None
-        name = lineage.lineagename
-        state = self.report.by_name().get(name)
-        if state is None or name in self.report.broken:
+    # -- SessionHooks: what certbot's calls are forwarded to while the session runs -------
+    def should_renew(self, config: Any, lineage: Any) -> Optional[bool]:
+        record = self.run.record(lineage.lineagename)
+        if record is None or record.outcome is Outcome.BROKEN:
             return None  # let certbot itself decide, hit (and report) the problem
-        if state.due:
-            logger.info("Lineage %s is due for renewal: %s", name, state.reason)
-            _certbot.notify(f"Renewing {name}: {state.reason}")
-        return state.due
+        due = bool(record.state.due)
+        if due:
+            logger.info("Lineage %s is due for renewal: %s", record.name, record.state.reason)
+            _certbot.notify(f"Renewing {record.name}: {record.state.reason}")
+        return due
 
-    def _renew_cert(self, config: Any, lineage: Any, proceed: Callable[[], None]) -> None:
+    def renew_cert(self, config: Any, lineage: Any, proceed: Callable[[], None]) -> None:
         name = lineage.lineagename
-        ctx = self.ctx
-        if ctx.stopping.is_set() and name not in ctx.prefetched:
-            self.not_attempted.append(name)
+        session = self.run
+        record = session.record(name)
+        if session.stopping.is_set() and (record is None or not record.has_result):
+            if record is not None:
+                record.outcome = Outcome.NOT_ATTEMPTED
             raise replaces.Stopped("certbot-batch: the run is stopping; not renewed")
         try:
             proceed()
         except BaseException as exc:
-            self.failed.append(name)
-            if name not in self._failure_noted:
-                self._record_failure(name, exc)
-                self.ledger.flush()
+            if record is not None:
+                record.outcome = Outcome.FAILED
+                if not record.failure_noted:
+                    self._record_failure(record, exc)
+                    session.ledger.flush()
             raise
-        self.renewed.append(name)
-        if self.db is not None and not config.dry_run:
-            state = self.report.by_name().get(name) if self.report is not None else None
-            issued_by = ctx.fallback.get(name) or (state.server if state else None)
-            self.db.mark_renewed(name, time.time(), issued_by=issued_by)
-            if state is not None and (state.renew_failures or state.renew_next_attempt):
-                backoff.record_success(state)
-                self.ledger.note(state)
+        if record is None:
+            return
+        record.outcome = Outcome.RENEWED
+        if not config.dry_run:
+            issued_by = record.fallback or record.state.server
+            session.db.mark_renewed(name, self.clock(), issued_by=issued_by)
+            if record.state.renew_failures or record.state.renew_next_attempt:
+                backoff.record_success(record.state)
+                session.ledger.note(record.state)
 
-    def _record_failure(self, name: str, exc: BaseException) -> None:
+    def obtained(self, name: str) -> tuple[bool, Any]:
+        record = self.run.record(name)
+        if record is None:
+            return False, None
+        with self.run.lock:
+            return record.take_result()
+
+    def authenticator(self, auth: Any, config: Any) -> Any:
+        session = self.run
+        wave, name = session.wave, session.current_lineage()
+        if wave is None or not name:
+            return auth
+        return grouped.join_wave(auth, config, wave, name, session.stopping, self.config)
+
+    def client_config(self, config: Any) -> Any:
+        record = self.run.current_record()
+        if record is None or not record.fallback:
+            return config
+        # Renewed from the fallback CA: its client talks to that CA, while certbot's loop
+        # saves the lineage with the lineage's own config (its server stays the primary
+        # one, so the next renewal goes back there).
+        return _certbot.fallback_config(config, record.fallback)
+
+    def new_order(self, send: Callable[..., Any], client: Any, csr_pem: bytes, *args: Any,
+                  **kwargs: Any) -> Any:
+        session = self.run
+        name = session.current_lineage()
+
+        def paced(c: Any, *a: Any, **kw: Any) -> Any:
+            return session.pacer.new_order(send, c, name, *a, **kw)
+
+        def ordered() -> Any:
+            if session.stopping.is_set():
+                raise replaces.Stopped("certbot-batch: the run is stopping (signal); no new "
+                                       "order started")
+            return replaces.send_new_order(paced, client, csr_pem, *args,
+                                           cert_id=self._replaces_for(name),
+                                           local=session.local, **kwargs)
+
+        if session.stopping.is_set():
+            raise replaces.Stopped("certbot-batch: the run is stopping (signal); no new order "
+                                   "started")
+        wave = session.wave
+        if wave is not None:
+            # New orders of a wave go out one at a time, in urgency order.
+            with wave.gate.turn(name):
+                return ordered()
+        return ordered()
+
+    def replaces(self) -> Optional[str]:
+        return replaces.payload_replaces(self.run.local)
+
+    def _replaces_for(self, name: Optional[str]) -> Optional[str]:
+        """The certID a new order of lineage ``name`` replaces (ARI), if its certificate is
+        inside its suggested window (not for dry runs: nothing is replaced)."""
+        record = self.run.record(name)
+        if record is None or self.dry_run or record.fallback:
+            return None  # (another CA did not issue the certificate being replaced)
+        state = record.state
+        if not state.ari_cert_id or state.window_start is None:
+            return None
+        return state.ari_cert_id if state.window_start <= self.clock() else None
+
+    def finalize(self, orig: Callable[..., Any], client: Any, orderr: Any, *args: Any,
+                 **kwargs: Any) -> Any:
+        session = self.run
+        if session.stopping.is_set():
+            raise replaces.Stopped("certbot-batch: the run is stopping (signal); the order "
+                                   "was not finalized")
+        return session.pacer.finalize(orig, client, session.current_lineage(), orderr,
+                                      *args, **kwargs)
+
+    def send_request(self, orig: Callable[..., Any], net: Any, method: str, url: str,
+                     *args: Any, **kwargs: Any) -> Any:
+        return self.run.pacer.send(orig, net, method, url, *args, **kwargs)
+
+    def retrying(self, orig: Callable[..., Any], net: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.run.pacer.retrying(orig, self.run.stopping.is_set, net, *args, **kwargs)
+
+    def failed_authorizations(self, problems: list[str]) -> None:
+        record = self.run.current_record()
+        if record is not None:
+            with self.run.lock:
+                record.detail = "; ".join(problems)
+
+    # -- backoff ------------------------------------------------------------------------
+    def _record_failure(self, record: LineageRecord, exc: BaseException) -> None:
         """The lineage's backoff: the next attempt waits (docs/decisions.md)."""
-        if isinstance(exc, replaces.Stopped) or getattr(self.config, "dry_run", False):
+        if isinstance(exc, replaces.Stopped) or self.dry_run:
             return
-        state = self.report.by_name().get(name) if self.report is not None else None
-        if state is None or self.db is None:
-            return
-        ctx = self.ctx
-        limit = ctx.pacer.rate_limited.get(name) if ctx.pacer is not None else None
-        now = time.time()
+        state = record.state
+        limit = self.run.pacer.rate_limited.get(record.name)
+        now = self.clock()
         deferred = pacing.deferral(exc)
         if deferred is not None:
             backoff.record_failure(state, now, str(deferred), retry_after=deferred.retry_after,
@@ -717,13 +828,10 @@ class RenewalSession:
             backoff.record_failure(state, now, f"rate limited by the CA: {limit.detail}",
                                    retry_after=limit.retry_after or 3600.0, counts=False)
         else:
-            detail = ctx.failure_detail.get(name)
+            detail = record.detail
             backoff.record_failure(state, now, f"{exc}" + (f" ({detail})" if detail else ""))
-        self.db.update(state)
-        self.ledger.note(state, now)
-
-    def _renewed_lineages(self) -> list[dict[str, Any]]:
-        return [batch_hooks.describe_lineage(self.config, name) for name in self.renewed]
+        self.run.db.update(state)
+        self.run.ledger.note(state, now)
 
     # -- reporting ----------------------------------------------------------------------
     def _announce(self, report: ScanReport) -> None:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 
 from certbot import errors
 
+from certbot_batch import _certbot
 from certbot_batch.scan.ratelimit import RateLimiter, key_for_url, parse_retry_after
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ class AcmePacer:
 
         self.learn(getattr(client, "directory", None))
         url = _directory_url(client)
-        account = _account_uri(client)
+        account = _certbot.account_uri(client)
         key = (key_for_url(url), account)
         # (The wave's OrderGate decides when this lineage may order: one at a time, in
         # urgency order.)
@@ -373,7 +374,7 @@ class AcmePacer:
         try:
             return orig(client, *args, **kwargs)
         except messages.Error as exc:
-            key = (key_for_url(_directory_url(client)), _account_uri(client))
+            key = (key_for_url(_directory_url(client)), _certbot.account_uri(client))
             self._note_rate_limit(exc, lineage, "finalize", key)
             raise
         finally:
@@ -405,9 +406,3 @@ def _directory_url(client: Any) -> str:
         return str(directory["newOrder"])  # type: ignore[index]
     except (KeyError, TypeError, AttributeError):
         return str(getattr(directory, "newOrder", "") or "")
-
-
-def _account_uri(client: Any) -> str:
-    net = getattr(client, "net", None)
-    account = getattr(net, "account", None)
-    return str(getattr(account, "uri", "") or "")

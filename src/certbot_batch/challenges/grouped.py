@@ -57,7 +57,6 @@ one at a time under one lock, and the ``CERTBOT_*`` variables are put back after
 """
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import copy
@@ -71,13 +70,12 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from typing import Any, Iterable, Iterator, Optional
 
 from certbot import errors
 from certbot.plugins import dns_common
 
-from certbot_batch import _certbot, paths
+from certbot_batch import _certbot, paths, run
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
 
@@ -115,16 +113,13 @@ def journal_paths(config: Any) -> list[str]:
 
 # -- which authenticators are grouped ---------------------------------------------------------
 
-_classes: dict[str, Optional[type]] = {}
-_classes_lock = threading.Lock()
-
-
 def plugin_class(name: str) -> Optional[type]:
     """The class of the certbot plugin registered as ``name`` (public entry points, as
     certbot finds them), or None."""
-    with _classes_lock:
-        if name in _classes:
-            return _classes[name]
+    cache = run.PROCESS.plugin_classes
+    with run.PROCESS.lock:
+        if name in cache:
+            return cache[name]
     found: Optional[type] = None
     try:
         for ep in importlib.metadata.entry_points(group="certbot.plugins"):
@@ -140,8 +135,8 @@ def plugin_class(name: str) -> Optional[type]:
     except Exception:  # noqa: BLE001  (a broken plugin is simply not grouped)
         logger.debug("certbot-batch: could not load plugin %s", name, exc_info=True)
         found = None
-    with _classes_lock:
-        _classes[name] = found
+    with run.PROCESS.lock:
+        cache[name] = found
     return found
 
 
@@ -210,14 +205,12 @@ def _validation_name(achall: Any) -> str:
 
 # -- manual: os.environ is process-wide --------------------------------------------------------
 
-_manual_lock = threading.Lock()
-
-
 @contextlib.contextmanager
 def _manual_environment(timeout: Optional[float] = None) -> Iterator[bool]:
     """certbot's manual plugin passes the hooks' variables through ``os.environ``: one
     manual perform()/cleanup() at a time, and the CERTBOT_* variables as they were after."""
-    acquired = _manual_lock.acquire(timeout=-1 if timeout is None else timeout)
+    lock = run.PROCESS.environ_lock
+    acquired = lock.acquire(timeout=-1 if timeout is None else timeout)
     if not acquired:
         yield False
         return
@@ -229,22 +222,19 @@ def _manual_environment(timeout: Optional[float] = None) -> Iterator[bool]:
             if key not in saved:
                 del os.environ[key]
         os.environ.update(saved)
-        _manual_lock.release()
+        lock.release()
 
 
 # -- the journal of records --------------------------------------------------------------------
 
-_journals: dict[tuple[str, ...], Journal] = {}
-_journals_lock = threading.Lock()
-
-
 def _journal(where: list[str]) -> Journal:
     """One Journal object per journal in this process (its lock orders every write)."""
     key = tuple(where)
-    with _journals_lock:
-        if key not in _journals:
-            _journals[key] = Journal(list(where))
-        return _journals[key]
+    journals = run.PROCESS.dns_journals
+    with run.PROCESS.lock:
+        if key not in journals:
+            journals[key] = Journal(list(where))
+        return journals[key]
 
 
 @dataclasses.dataclass
@@ -283,7 +273,7 @@ class _Member:
     plugin object (so certbot still sees its own plugin: name, auth_hint, isinstance ...);
     the plugin's original methods are kept for the round that runs them."""
 
-    def __init__(self, wave: _Wave, key: tuple[Any, ...], kind: str, name: str, conf: str,
+    def __init__(self, wave: DnsWave, key: tuple[Any, ...], kind: str, name: str, conf: str,
                  auth: Any, config: Any, settings: dict[str, Any]) -> None:
         self.wave = wave
         self.key = key
@@ -308,9 +298,7 @@ class _Member:
         #: dns_common's own perform()/cleanup(), which create/remove each record through
         #: _perform/_cleanup: then each record is followed; else all count as created and
         #: as removed once cleanup() returned.
-        self.per_record = kind == "dns" and \
-            type(auth).perform is dns_common.DNSAuthenticator.perform and \
-            type(auth).cleanup is dns_common.DNSAuthenticator.cleanup
+        self.per_record = kind == "dns" and _certbot.is_dns_common_flow(auth)
         if self.per_record:
             self._instrument(auth)
         if kind == "manual":
@@ -335,8 +323,7 @@ class _Member:
         """Follow each record through the plugin's own _perform/_cleanup (the per-record
         methods of dns_common's contract): which records exist, which are gone; and one
         record that cannot be removed never keeps the others of the group in place."""
-        orig_perform_record = auth._perform
-        orig_cleanup_record = auth._cleanup
+        orig_perform_record, orig_cleanup_record = _certbot.dns_record_methods(auth)
 
         def _perform(domain: str, validation_name: str, validation: str) -> None:
             record = self.active.get((validation_name, validation))
@@ -384,8 +371,7 @@ class _Member:
                                    "(lineage %s): %s; the next certbot run tries again",
                                    self.plugin, validation_name, record.lineage, exc)
 
-        auth._perform = _perform
-        auth._cleanup = _cleanup
+        _certbot.follow_dns_records(auth, _perform, _cleanup)
 
     def records(self, achalls: list[Any]) -> list[_Record]:
         return [_Record(id=uuid.uuid4().hex, achall=achall, lineage=self.name,
@@ -443,10 +429,10 @@ class _Round:
     cleanup()). Never two lineages with a record of the same validation name: many DNS
     APIs (and hooks) *set* a name's TXT records rather than add one, so one lineage's record
     would replace the other's. Such a lineage goes to a later round (``seq``), which
-    performs only once every earlier round with that name is finished (``_Wave.wait_turn``),
+    performs only once every earlier round with that name is finished (``DnsWave.wait_turn``),
     as stock certbot validates one lineage after the other."""
 
-    def __init__(self, wave: _Wave, key: tuple[Any, ...], kind: str, plugin: str,
+    def __init__(self, wave: DnsWave, key: tuple[Any, ...], kind: str, plugin: str,
                  seq: int = 0) -> None:
         self.wave = wave
         self.key = key
@@ -533,8 +519,7 @@ class _Round:
         responses: list[Any] = []
         try:
             self.records = [r for m in self.members for r in m.records(self.achalls[id(m)])]
-            ctx = self.wave.ctx
-            if ctx.stopping.is_set():
+            if self.wave.stopping.is_set():
                 from certbot_batch.challenges import replaces
 
                 raise replaces.Stopped("certbot-batch: the run is stopping; no challenge "
@@ -686,13 +671,13 @@ class _Round:
         return True
 
 
-class _Wave:
-    """The groups of one wave (one ChallengeBatch)."""
+class DnsWave:
+    """The DNS groups of one wave (kept in the run model's Wave: ``wave.dns``)."""
 
-    def __init__(self, ctx: Any, batch: ChallengeBatch, journal: Journal) -> None:
-        self.ctx = ctx
-        # Weakly: the wave's entry in _waves (keyed by the batch) goes with the batch.
-        self._batch = weakref.ref(batch)
+    def __init__(self, stopping: threading.Event, batch: ChallengeBatch,
+                 journal: Journal) -> None:
+        self.stopping = stopping
+        self.batch = batch
         self.journal = journal
         #: guards the rounds' membership and names; notified when a round finishes
         self.cond = threading.Condition()
@@ -701,10 +686,6 @@ class _Wave:
         #: every round not finished yet, of any group, in creation order
         self.rounds: list[_Round] = []
         self._seq = itertools.count()
-
-    @property
-    def batch(self) -> Optional[ChallengeBatch]:
-        return self._batch()
 
     def _new_round(self, member: _Member) -> _Round:
         rnd = _Round(self, member.key, member.kind, member.plugin, next(self._seq))
@@ -751,8 +732,8 @@ class _Wave:
             chain = self.open.get(rnd.key, [])
             if rnd in chain:
                 chain.remove(rnd)
-        with _live_lock:
-            _live.add(rnd)
+        with run.PROCESS.lock:
+            run.PROCESS.live_rounds.add(rnd)
 
     def wait_turn(self, rnd: _Round) -> None:
         """Wait until no earlier round has a record of one of ``rnd``'s validation names
@@ -761,7 +742,7 @@ class _Wave:
         a stop signal ends it at once (the round then sets nothing up)."""
         with self.cond:
             said = False
-            while not self.ctx.stopping.is_set():
+            while not self.stopping.is_set():
                 earlier = [q for q in self.rounds if q.seq < rnd.seq and q.collides(rnd.names)]
                 if not earlier:
                     return
@@ -782,23 +763,18 @@ class _Wave:
             chain.remove(rnd)
 
     def cleaned(self, rnd: _Round) -> None:
-        with _live_lock:
-            _live.discard(rnd)
+        with run.PROCESS.lock:
+            run.PROCESS.live_rounds.discard(rnd)
         with self.cond:
             self._finish(rnd)
             self.cond.notify_all()
 
 
-_waves: weakref.WeakKeyDictionary[ChallengeBatch, _Wave] = weakref.WeakKeyDictionary()
-_waves_lock = threading.Lock()
-#: rounds whose records may be up (sealed, not cleaned up yet)
-_live: set[_Round] = set()
-_live_lock = threading.Lock()
-
-
-def _at_exit() -> None:
-    with _live_lock:
-        rounds = list(_live)
+def cleanup_at_exit() -> None:
+    """At interpreter exit: the records of rounds whose workers were given up (a stopping
+    run) are removed (``engine.py`` registers this from the main thread)."""
+    with run.PROCESS.lock:
+        rounds = list(run.PROCESS.live_rounds)
     for rnd in rounds:
         try:
             if rnd.emergency_cleanup():
@@ -809,34 +785,25 @@ def _at_exit() -> None:
             logger.debug("certbot-batch: cleanup at exit failed", exc_info=True)
 
 
-# Registered when the module is imported (by the session or recovery, in the main thread),
-# not from a worker thread; a no-op when no round is live.
-atexit.register(_at_exit)
-
-
-def wrap_authenticator(auth: Any, lineage_config: Any) -> Any:
-    """``RunContext.wrap_authenticator``: make a DNS plugin's (or manual's) perform() and
-    cleanup() join its group in the wave in flight; any other authenticator is returned as
-    it is."""
-    ctx = _certbot.current()
-    batch = ctx.batch if ctx is not None else None
-    if ctx is None or not isinstance(batch, ChallengeBatch):
-        return auth
+def join_wave(auth: Any, lineage_config: Any, wave: run.Wave, name: str,
+              stopping: threading.Event, config: Any) -> Any:
+    """Make a DNS plugin's (or manual's) perform() and cleanup() join its group in
+    ``wave`` (the session's ``authenticator`` hook); any other authenticator is returned
+    as it is. ``config``: the run's config (where the journal is)."""
     kind = _kind(auth, lineage_config)
-    name = ctx.current_lineage()
-    if kind is None or not name:
+    if kind is None:
         return auth
     settings = plugin_settings(auth, lineage_config)
     key = (str(getattr(auth, "name", "")), kind,
            tuple(sorted((k, repr(v)) for k, v in settings.items())))
-    with _waves_lock:
-        wave = _waves.get(batch)
-        if wave is None:
-            wave = _Wave(ctx, batch, _journal(journal_paths(ctx.config)))
-            _waves[batch] = wave
+    journal = _journal(journal_paths(config))
+    with run.PROCESS.lock:
+        if wave.dns is None:
+            wave.dns = DnsWave(stopping, wave.batch, journal)
+        dns_wave = wave.dns
     conf = os.path.join(str(getattr(lineage_config, "renewal_configs_dir", "") or ""),
                         f"{name}.conf")
-    _Member(wave, key, kind, name, conf, auth, lineage_config, settings)
+    _Member(dns_wave, key, kind, name, conf, auth, lineage_config, settings)
     return auth
 
 
@@ -1069,16 +1036,16 @@ class _Recovery:
         if cls is None or not issubclass(cls, dns_common.DNSAuthenticator):
             raise errors.PluginError(f"the DNS plugin {group.plugin} is not installed")
         auth = cls(group.cfg, group.plugin)
-        auth._setup_credentials()
+        _certbot.dns_setup_credentials(auth)
         for i, entry in enumerate(group.entries):
             if not self._log(logging.INFO, "certbot-batch: removing the TXT record %s "
                              "(lineage %s, %s) left by an interrupted run",
                              entry.get("validation_name"), entry.get("lineage"), group.plugin):
                 return
             try:
-                auth._cleanup(str(entry.get("domain") or ""),
-                              str(entry.get("validation_name") or ""),
-                              str(entry.get("validation") or ""))
+                _certbot.dns_remove_record(auth, str(entry.get("domain") or ""),
+                                           str(entry.get("validation_name") or ""),
+                                           str(entry.get("validation") or ""))
             except Exception as exc:  # noqa: BLE001  (this one and the rest stay journaled)
                 self._log(logging.INFO, "certbot-batch: could not remove the TXT record %s: "
                           "%s", entry.get("validation_name"), exc)

@@ -9,7 +9,7 @@ certbot's per-lineage loop, which receives each lineage's result instead of cont
 CA again, and saves the lineage, runs its hooks and deploys exactly as usual; so every
 certificate issued in a wave is saved before the next wave starts.
 
-A stop signal (the session sets ``ctx.stopping``) makes the wave start no new order and
+A stop signal (the session sets ``run.stopping``) makes the wave start no new order and
 finalize no new certificate (``_certbot`` wraps acme for that); the workers still in
 flight get a grace period to finish what the CA already issued, then the wave's
 challenges are cleaned up and the session saves what arrived. Workers are daemon threads:
@@ -23,11 +23,12 @@ import threading
 import time
 from typing import Any, Optional
 
-from certbot_batch import _certbot, catalog, paths
+from certbot_batch import _certbot, catalog, paths, run
+from certbot_batch.challenges import grouped
 from certbot_batch.challenges.apache import ApacheChallengeProvisioner
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
-from certbot_batch.context import RunContext, Scope
+from certbot_batch.run import LineageRecord, Run, Scope, Wave
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +44,13 @@ def batchable(lineage_config: Any) -> bool:
     an auth hook), whose perform() joins a group of the wave (challenges/grouped.py)."""
     if getattr(lineage_config, "authenticator", None) in BATCH_AUTHENTICATORS:
         return True
-    from certbot_batch.challenges import grouped
-
     return grouped.groupable(lineage_config)
 
 
 def active_batch() -> Optional[ChallengeBatch]:
     """The challenge batch of the wave in flight (inside a renewal session), or None."""
-    ctx = _certbot.current()
-    batch = ctx.batch if ctx is not None else None
-    return batch if isinstance(batch, ChallengeBatch) else None
+    current = run.current()
+    return current.batch() if current is not None else None
 
 
 class OrderGate:
@@ -108,15 +106,6 @@ class OrderGate:
 
 
 @dataclasses.dataclass
-class Prepared:
-    """A due lineage, loaded (in the main thread) for its wave."""
-    name: str
-    conf_path: str
-    config: Any
-    lineage: Any
-
-
-@dataclasses.dataclass
 class WaveReport:
     results: dict[str, Any]
     provision_calls: int = 0
@@ -135,71 +124,72 @@ class WaveReport:
         return [n for n, r in self.results.items() if isinstance(r, BaseException)]
 
 
-def _obtain_one(item: Prepared, batch: ChallengeBatch, gate: OrderGate) -> Any:
-    with _certbot.lineage_context(item.name):
+def _obtain_one(session: Run, record: LineageRecord, batch: ChallengeBatch,
+                gate: OrderGate) -> Any:
+    with session.lineage_scope(record.name):
         try:
             # A registry of its own: certbot caches the initialised plugin (built from one
             # lineage's config: webroot map, ...) on the registry's entry points.
             plugins = _certbot.find_plugins()
-            obtain = _certbot.prepare_obtain(item.config, item.lineage, plugins)
+            obtain = _certbot.prepare_obtain(record.config, record.lineage, plugins)
             return obtain()
         finally:
-            gate.done(item.name)
-            batch.depart(item.name)
+            gate.done(record.name)
+            batch.depart(record.name)
 
 
-def run_wave(ctx: RunContext, items: list[Prepared]) -> WaveReport:
-    """Validate and issue ``items`` together. Returns each lineage's obtain_certificate
-    result, or the exception it raised (one lineage's error never costs another its
-    certificate)."""
+def run_wave(session: Run, index: int, records: list[LineageRecord]) -> WaveReport:
+    """Validate and issue ``records`` together (the session's wave ``index``). Returns each
+    lineage's obtain_certificate result, or the exception it raised (one lineage's error
+    never costs another its certificate)."""
     t0 = time.monotonic()
     report = WaveReport(results={})
-    if not items:
+    if not records:
         return report
     _certbot.find_plugins()  # fills the session's entry-point cache before the threads start
-    journal = Journal(paths.journal_paths(ctx.config))
-    batch = ChallengeBatch([item.name for item in items], ApacheChallengeProvisioner(journal))
-    gate = OrderGate([item.name for item in items], ctx.stopping)
+    journal = Journal(paths.journal_paths(session.config))
+    names = [r.name for r in records]
+    batch = ChallengeBatch(names, ApacheChallengeProvisioner(journal))
+    gate = OrderGate(names, session.stopping)
     done = threading.Condition()
     results: dict[str, Any] = {}
 
-    def work(item: Prepared) -> None:
+    def work(record: LineageRecord) -> None:
         try:
-            result: Any = _obtain_one(item, batch, gate)
+            result: Any = _obtain_one(session, record, batch, gate)
         except BaseException as exc:  # noqa: BLE001  (kept for certbot's loop)
-            logger.debug("Lineage %s failed ahead of certbot's loop", item.name, exc_info=True)
+            logger.debug("Lineage %s failed ahead of certbot's loop", record.name,
+                         exc_info=True)
             result = exc
         with done:
-            results[item.name] = result
+            results[record.name] = result
             done.notify_all()
 
-    ctx.batch = batch
-    ctx.order_gate = gate
+    session.wave = Wave(index, list(records), batch, gate, journal)
     try:
         # One thread per lineage of the wave: they must all be able to reach the rendezvous
         # at the same time. The wave size bounds the load on the CA.
-        for item in items:
-            threading.Thread(target=work, args=(item,), daemon=True,
-                             name=f"certbot-batch-{item.name}").start()
+        for record in records:
+            threading.Thread(target=work, args=(record,), daemon=True,
+                             name=f"certbot-batch-{record.name}").start()
         stop_deadline: Optional[float] = None
         with done:
-            while len(results) < len(items):
-                if ctx.stopping.is_set():
+            while len(results) < len(records):
+                if session.stopping.is_set():
                     stop_deadline = stop_deadline or time.monotonic() + STOP_GRACE
                     if time.monotonic() >= stop_deadline:
                         break
                 # A bounded wait: signal handlers run in this (main) thread in between.
                 done.wait(0.2)
             report.results = dict(results)
-        report.abandoned = [item.name for item in items if item.name not in report.results]
+        report.abandoned = [n for n in names if n not in report.results]
         if report.abandoned:
             logger.warning("certbot-batch: stopping; %d lineage(s) of the wave still talking "
                            "to the CA are given up: %s", len(report.abandoned),
                            ", ".join(report.abandoned[:20]))
     finally:
         batch.finish()
-        ctx.batch = None
-        ctx.order_gate = None
+        session.wave = None
         report.provision_calls = batch.provision_calls
         report.cleanup_calls = batch.cleanup_calls
         report.files = batch.files_provisioned

@@ -2,14 +2,12 @@
 
 An order that names the certificate it replaces, sent while that certificate is in its
 suggested window, is exempt from Let's Encrypt's rate limits. Neither acme's ``new_order``
-nor certbot can send the field, so while a renewal session runs, ``_certbot`` wraps
-``ClientV2.new_order`` and ``NewOrder.to_partial_json`` with the functions made here: the
-``NewOrder`` payload of the lineage the current thread renews gets ``replaces``. A CA that
-answers 409 ``alreadyReplaced`` (an order for that certificate already used it) gets the
-same order again without the field, once.
-
-The same wrapper refuses to start a new order once the session is stopping (a stop
-signal): what was issued is saved, nothing new is started.
+nor certbot can send the field, so while a renewal session runs the seam forwards
+``ClientV2.new_order`` and ``NewOrder.to_partial_json`` to the session, which sends each
+order through :func:`send_new_order`: the ``NewOrder`` payload of the lineage the current
+thread renews gets ``replaces`` (:func:`payload_replaces` reads it back for the payload). A
+CA that answers 409 ``alreadyReplaced`` (an order for that certificate already used it)
+gets the same order again without the field, once.
 """
 from __future__ import annotations
 
@@ -23,15 +21,9 @@ logger = logging.getLogger(__name__)
 
 ALREADY_REPLACED = "alreadyReplaced"
 
-_local = threading.local()
-
 
 class Stopped(errors.Error):
     """The run is stopping: no new order was started for this lineage."""
-
-
-def _current() -> Optional[str]:
-    return getattr(_local, "replaces", None)
 
 
 def is_already_replaced(exc: BaseException) -> bool:
@@ -39,60 +31,28 @@ def is_already_replaced(exc: BaseException) -> bool:
     return typ.endswith(ALREADY_REPLACED)
 
 
-def wrap_new_order(orig: Callable[..., Any], current: Callable[[], Any]) -> Callable[..., Any]:
-    """``ClientV2.new_order`` that sends ``replaces`` when the run context has a certID for
-    the calling thread's lineage. ``current`` returns the run context (or None)."""
+def payload_replaces(local: threading.local) -> Optional[str]:
+    """The certID the calling thread's NewOrder payload names (set while it is sent)."""
+    return getattr(local, "replaces", None)
+
+
+def send_new_order(send: Callable[..., Any], client: Any, csr_pem: bytes, *args: Any,
+                   cert_id: Optional[str], local: threading.local, **kwargs: Any) -> Any:
+    """``send(client, csr_pem, ...)`` with ``replaces`` = ``cert_id`` in the payload (when
+    there is one); once more without it when the CA says it was already replaced."""
     from acme import messages
 
-    def new_order(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        if ctx is not None and ctx.stopping.is_set():
-            raise Stopped("certbot-batch: the run is stopping (signal); no new order started")
-        gate = getattr(ctx, "order_gate", None) if ctx is not None else None
-        if gate is not None:
-            with gate.turn(ctx.current_lineage()):
-                if ctx.stopping.is_set():
-                    raise Stopped("certbot-batch: the run is stopping (signal); no new order "
-                                  "started")
-                return _ordered(self, csr_pem, *args, **kwargs)
-        return _ordered(self, csr_pem, *args, **kwargs)
-
-    def _ordered(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        pacer = getattr(ctx, "pacer", None) if ctx is not None else None
-
-        def send(client: Any, *a: Any, **kw: Any) -> Any:
-            if pacer is not None:
-                return pacer.new_order(orig, client, ctx.current_lineage(), *a, **kw)
-            return orig(client, *a, **kw)
-
-        lookup = ctx.replaces_for if ctx is not None else None
-        cert_id = lookup() if lookup is not None else None
-        if not cert_id:
-            return send(self, csr_pem, *args, **kwargs)
-        _local.replaces = cert_id
-        try:
-            return send(self, csr_pem, *args, **kwargs)
-        except messages.Error as exc:
-            if not is_already_replaced(exc):
-                raise
-            logger.info("The CA says certificate %s was already replaced; ordering again "
-                        "without 'replaces'", cert_id)
-            _local.replaces = None
-            return send(self, csr_pem, *args, **kwargs)
-        finally:
-            _local.replaces = None
-    new_order.__wrapped__ = orig  # type: ignore[attr-defined]
-    return new_order
-
-
-def wrap_to_partial_json(orig: Callable[..., Any]) -> Callable[..., Any]:
-    def to_partial_json(self: Any, *args: Any, **kwargs: Any) -> Any:
-        data = orig(self, *args, **kwargs)
-        cert_id = _current()
-        if cert_id:
-            data = dict(data)
-            data["replaces"] = cert_id
-        return data
-    to_partial_json.__wrapped__ = orig  # type: ignore[attr-defined]
-    return to_partial_json
+    if not cert_id:
+        return send(client, csr_pem, *args, **kwargs)
+    local.replaces = cert_id
+    try:
+        return send(client, csr_pem, *args, **kwargs)
+    except messages.Error as exc:
+        if not is_already_replaced(exc):
+            raise
+        logger.info("The CA says certificate %s was already replaced; ordering again "
+                    "without 'replaces'", cert_id)
+        local.replaces = None
+        return send(client, csr_pem, *args, **kwargs)
+    finally:
+        local.replaces = None

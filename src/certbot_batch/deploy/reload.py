@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional
 from certbot import errors
 from cryptography import x509
 
-from certbot_batch import links
+from certbot_batch import _certbot, links, run
 from certbot_batch.servers import Server, ServerRef, server_for
 from certbot_batch.servers import apache as apache_server
 from certbot_batch.servers.base import Endpoint, served_serial
@@ -98,24 +98,15 @@ class DeployRun:
             return found
 
 
-def begin(ctx: Any) -> DeployRun:
-    """The deployment of a renewal session, kept in its run context."""
-    ctx.deploy = DeployRun()
-    return ctx.deploy  # type: ignore[no-any-return]
-
-
 def active() -> Optional[DeployRun]:
     """The deployment of the session in progress, or None outside a session."""
-    from certbot_batch import _certbot
-
-    ctx = _certbot.current()
-    run = getattr(ctx, "deploy", None) if ctx is not None else None
-    return run if isinstance(run, DeployRun) else None
+    current = run.current()
+    return current.deploy if current is not None else None
 
 
 def _target_for(ref: ServerRef) -> Optional[Target]:
-    run = active()
-    return run.target(ref) if run is not None else None
+    deployment = active()
+    return deployment.target(ref) if deployment is not None else None
 
 
 def defer_reload(ref: ServerRef, delegate: Optional[Any] = None) -> bool:
@@ -125,11 +116,9 @@ def defer_reload(ref: ServerRef, delegate: Optional[Any] = None) -> bool:
     target = _target_for(ref)
     if target is None:
         return False
-    from certbot_batch import _certbot
-
     with active().lock:  # type: ignore[union-attr]
         target.reload_requested = True
-        name = _certbot.current_lineage()
+        name = run.current_lineage()
         if name:
             target.lineages.add(name)
         if target.delegate is None and delegate is not None:
@@ -140,10 +129,10 @@ def defer_reload(ref: ServerRef, delegate: Optional[Any] = None) -> bool:
 def request_reload(ref: ServerRef) -> bool:
     """Ask for a reload at the end of the run (e.g. to drop the challenge snippet).
     Returns False outside a session (the caller must reload itself)."""
-    run = active()
-    if run is None:
+    deployment = active()
+    if deployment is None:
         return False
-    run.target(ref).reload_requested = True
+    deployment.target(ref).reload_requested = True
     return True
 
 
@@ -332,8 +321,6 @@ def flush(target: Target, config_dir: str, lineages: Iterable[str],
 def preflight(config: Any) -> None:
     """Fail before any renewal work when batch-apache is chosen on the command line and
     its apachectl cannot run (saved settings are checked per lineage by prepare())."""
-    from certbot_batch import _certbot
-
     chosen = [getattr(config, attr, None) for attr in ("installer", "authenticator")
               if _certbot.set_by_user(config, attr)]
     if "batch-apache" not in chosen or getattr(config, "dry_run", False):

@@ -3,6 +3,6 @@
 Importing this package is how certbot meets us: it loads every plugin entry point at the
 start of each command, so this is where the renewal engine is wired into certbot.
 """
-from certbot_batch import _certbot
+from certbot_batch import engine
 
-_certbot.install()
+engine.install()

@@ -20,10 +20,10 @@ from certbot.achallenges import AnnotatedChallenge
 from certbot.plugins import common
 
 from certbot_batch import (
-    _certbot,  # noqa: F401  (wires the renewal engine into certbot)
+    engine,  # noqa: F401  (wires the renewal engine into certbot)
     paths,
+    run,
 )
-from certbot_batch.challenges import prevalidate
 from certbot_batch.challenges.apache import (
     ApacheChallengeProvisioner,
     ApacheSettings,
@@ -117,7 +117,7 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
         stock_apache_class()
         # Leftover challenge files/snippet of an interrupted run go first (not while a
         # batch is live: its files are in the same journal).
-        if prevalidate.active_batch() is None:
+        if _active_batch() is None:
             self._provisioner.journal.recover()
 
     def more_info(self) -> str:
@@ -178,7 +178,7 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
             return list(self.delegate().perform(achalls))
         items = []
         responses = []
-        lineage = _certbot.current_lineage()
+        lineage = run.current_lineage()
         for achall in achalls:
             response, validation = achall.response_and_validation()
             items.append(ChallengeFile(
@@ -186,7 +186,7 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
                 token=achall.chall.encode("token"), content=validation.encode(),
                 lineage=lineage))
             responses.append(response)
-        batch = prevalidate.active_batch()
+        batch = _active_batch()
         if (batch is not None and lineage is not None and batch.is_participant(lineage)
                 and isinstance(batch.provisioner, ApacheChallengeProvisioner)):
             # Inside a batch session: one snippet + one reload serve the whole wave.
@@ -205,8 +205,14 @@ class BatchApacheConfigurator(_Configurator):  # type: ignore[misc,valid-type]
         if self._stock_challenges:
             self.delegate().cleanup(achalls)
             return
-        lineage = _certbot.current_lineage()
+        lineage = run.current_lineage()
         if self._batch is not None and lineage is not None:
             self._batch.cleanup(lineage)
             return
         self._provisioner.cleanup()
+
+
+def _active_batch() -> Optional[ChallengeBatch]:
+    """The challenge batch of the wave in flight (inside a renewal session), or None."""
+    current = run.current()
+    return current.batch() if current is not None else None

@@ -15,10 +15,10 @@ from certbot.achallenges import AnnotatedChallenge
 from certbot.plugins import common
 
 from certbot_batch import (
-    _certbot,  # noqa: F401  (wires the renewal engine into certbot)
+    engine,  # noqa: F401  (wires the renewal engine into certbot)
     paths,
+    run,
 )
-from certbot_batch.challenges import prevalidate
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
 from certbot_batch.challenges.webroot import ChallengeFile, WebrootProvisioner
@@ -77,7 +77,7 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
     def prepare(self) -> None:
         # Leftovers of an interrupted run go first, so nothing outlives the next run
         # (not while a batch is live: its files are in the same journal).
-        if prevalidate.active_batch() is None:
+        if _active_batch() is None:
             self._provisioner.journal.recover()
 
     def get_chall_pref(self, identifier: str) -> Iterable[type[challenges.Challenge]]:
@@ -92,10 +92,10 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
             items.append(ChallengeFile(
                 identifier=ident, webroot=webroot_for(self.config, ident),
                 token=achall.chall.encode("token"), content=validation.encode(),
-                lineage=_certbot.current_lineage()))
+                lineage=run.current_lineage()))
             responses.append(response)
-        lineage = _certbot.current_lineage()
-        batch = prevalidate.active_batch()
+        lineage = run.current_lineage()
+        batch = _active_batch()
         if batch is not None and lineage is not None and batch.is_participant(lineage):
             # Inside a batch session: wait for the other lineages of the wave, then one
             # provisioning action writes everyone's files.
@@ -109,7 +109,7 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
         return responses
 
     def cleanup(self, achalls: list[AnnotatedChallenge]) -> None:
-        lineage = _certbot.current_lineage()
+        lineage = run.current_lineage()
         if self._batch is not None and lineage is not None:
             self._batch.cleanup(lineage)
             return
@@ -122,3 +122,8 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
                 "serves under /.well-known/acme-challenge/ for the names concerned, over "
                 "plain HTTP on port 80.")
 
+
+def _active_batch() -> Optional[ChallengeBatch]:
+    """The challenge batch of the wave in flight (inside a renewal session), or None."""
+    current = run.current()
+    return current.batch() if current is not None else None
