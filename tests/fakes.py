@@ -11,13 +11,21 @@ from certbot_batch.run import LineageRecord, Outcome
 from certbot_batch.scan.state import LineageState
 
 
+class Config(SimpleNamespace):
+    """certbot's NamespaceConfig as far as a session reads it (nothing set on the command
+    line)."""
+
+    def set_by_user(self, name: str) -> bool:
+        return False
+
+
 def config(tmp_path: Path, **values: Any) -> Any:
     """certbot's config, as far as a session reads it."""
     base = {"config_dir": str(tmp_path / "config"), "work_dir": str(tmp_path / "work"),
             "dry_run": False, "certname": None, "renew_by_default": False,
             "batch_size": 100, "random_sleep_on_renew": False, "quiet": True}
     base.update(values)
-    return SimpleNamespace(**base)
+    return Config(**base)
 
 
 def session(tmp_path: Path, stock: Optional[Callable[..., Any]] = None,

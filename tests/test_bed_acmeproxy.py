@@ -497,10 +497,9 @@ def test_down_modes_and_up(proxy: AcmeProxy) -> None:
 
     proxy.reset_counters()
     proxy.down("hang", hold=30)
-    started = time.monotonic()
-    with pytest.raises(requests.RequestException):
+    # A hung connection ends by the client's own read timeout (not the proxy's 30 s hold).
+    with pytest.raises(requests.ReadTimeout):
         _session(proxy).get(proxy.directory_url, timeout=(2, 0.5))
-    assert time.monotonic() - started < 5
     assert proxy.wait_dropped(1, timeout=5)
     proxy.clear()  # also up()
     assert proxy.is_down is None

@@ -458,3 +458,102 @@ def test_recover_without_a_budget_stops_a_group_at_its_first_failure(
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any("removing the TXT record _acme-challenge.l0.test (lineage l0.test, fake)" in m
                for m in infos), infos
+
+
+# -- more of the core: recovery that works, manual hooks, the session's joining, exit ------------
+
+def test_recover_removes_every_record_and_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    zone = Zone(replace=False)
+    plugin = fake_plugin(zone)
+
+    class Quiet(plugin):  # type: ignore[misc, valid-type]
+        def _setup_credentials(self) -> None:
+            pass
+
+    monkeypatch.setattr(grouped, "plugin_class", lambda name: Quiet)
+    config = SimpleNamespace(work_dir=str(tmp_path), config_dir=str(tmp_path / "config"),
+                             fake_propagation_seconds=0)
+    for i in range(3):
+        zone.owner[f"v{i}"] = f"l{i}.test"
+        zone.add(f"_acme-challenge.l{i}.test", f"v{i}")
+    _journal_entries(config, 3)
+    assert grouped.recover(config) == 3
+    assert zone.empty()
+    assert grouped.outstanding(config) == []
+    assert not any(Path(p).exists() for p in grouped.journal_paths(config))
+
+
+def test_manual_recovery_runs_the_cleanup_hook_with_the_auth_hooks_output(
+        tmp_path: Path) -> None:
+    out = tmp_path / "cleanup.out"
+    config = SimpleNamespace(work_dir=str(tmp_path), config_dir=str(tmp_path / "config"),
+                             noninteractive_mode=True)
+    hook = f'echo "$CERTBOT_DOMAIN $CERTBOT_VALIDATION $CERTBOT_AUTH_OUTPUT" >> {out}'
+    journal = grouped._journal(grouped.journal_paths(config))
+    journal.record_dns([{"id": "m1", "lineage": "m.test", "conf": "", "plugin": "manual",
+                         "domain": "m.test", "validation_name": "_acme-challenge.m.test",
+                         "validation": "val1", "env_journaled": True,
+                         "settings": {"manual_cleanup_hook": hook}}])
+    journal.dns_update([("m1", {"env": {"CERTBOT_DOMAIN": "m.test",
+                                        "CERTBOT_VALIDATION": "val1",
+                                        "CERTBOT_AUTH_OUTPUT": "record-42"}})])
+    assert grouped.recover(config) == 1
+    assert out.read_text().split() == ["m.test", "val1", "record-42"]
+    assert grouped.outstanding(config) == []
+
+
+def test_join_wave_groups_the_wave_and_cleans_up_at_exit(tmp_path: Path) -> None:
+    from certbot_batch import run as run_model
+
+    zone = Zone(replace=False)
+    plugin = fake_plugin(zone)
+    config = SimpleNamespace(work_dir=str(tmp_path), config_dir=str(tmp_path / "config"),
+                             fake_propagation_seconds=0, authenticator="fake")
+    batch = ChallengeBatch(["a.test", "b.test"], NoFiles(),  # type: ignore[arg-type]
+                           wait_timeout=JOIN_TIMEOUT)
+    wave = run_model.Wave(0, [], batch, None, Journal(str(tmp_path / "x")))  # type: ignore[arg-type]
+    stopping = threading.Event()
+    auths = {}
+    for name in ("a.test", "b.test"):
+        auths[name] = grouped.join_wave(plugin(config, "fake"), config, wave, name, stopping,
+                                        config)
+    assert wave.dns is not None
+    achalls = {n: [Achall(zone, n, n)] for n in auths}
+    performed = threading.Barrier(2)
+    done: dict[str, Any] = {}
+
+    def lineage(name: str) -> None:
+        try:
+            auths[name].perform(achalls[name])
+            performed.wait(JOIN_TIMEOUT)  # both records up together: one perform()
+            done[name] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            done[name] = exc
+
+    threads = [threading.Thread(target=lineage, args=(n,)) for n in auths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN_TIMEOUT)
+    assert done == {"a.test": "ok", "b.test": "ok"}
+    assert len(zone.performs) == 1 and sorted(zone.performs[0]) == ["a.test", "b.test"]
+    # The run stops with the records up and the workers given up: removed at exit.
+    assert run_model.PROCESS.live_rounds
+    grouped.cleanup_at_exit()
+    assert zone.empty()
+    assert not run_model.PROCESS.live_rounds
+
+
+def test_which_authenticators_are_grouped() -> None:
+    manual = SimpleNamespace(authenticator="manual", noninteractive_mode=True,
+                             manual_auth_hook="/bin/true")
+    assert grouped.groupable(manual)
+    assert not grouped.groupable(SimpleNamespace(authenticator="manual",
+                                                 noninteractive_mode=False,
+                                                 manual_auth_hook="/bin/true"))
+    assert not grouped.groupable(SimpleNamespace(authenticator="webroot"))
+    assert not grouped.groupable(SimpleNamespace(authenticator="no-such-plugin"))
+    assert not grouped.groupable(SimpleNamespace(authenticator=None))
+    if grouped.plugin_class("dns-rfc2136") is not None:
+        assert grouped.groupable(SimpleNamespace(authenticator="dns-rfc2136"))
