@@ -41,6 +41,8 @@ DEPENDENCIES = {"certbot", "acme", "cryptography", "requests", "urllib3", "confi
 ENTRY_POINTS = {
     ("certbot.plugins", "batch-webroot"): "certbot_batch.plugins.webroot:BatchWebrootAuthenticator",
     ("certbot.plugins", "batch-apache"): "certbot_batch.plugins.apache:BatchApacheConfigurator",
+    ("certbot.plugins", "batch-standalone"):
+        "certbot_batch.plugins.standalone:BatchStandaloneAuthenticator",
     ("console_scripts", "certbot-batch"): "certbot_batch.cli:main",
 }
 SKIP_IF_LOCKED = "--batch-skip-if-locked"
@@ -143,7 +145,7 @@ def test_metadata() -> None:
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", r.strip()) for r in required), required
 
 
-def test_entry_points_are_exactly_the_two_plugins_and_the_script() -> None:
+def test_entry_points_are_exactly_our_plugins_and_the_script() -> None:
     eps = importlib.metadata.distribution(DIST).entry_points
     assert {(ep.group, ep.name): ep.value for ep in eps} == ENTRY_POINTS
 

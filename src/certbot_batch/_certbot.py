@@ -71,6 +71,9 @@ class SessionHooks(Protocol):
     def obtained(self, name: str) -> tuple[bool, Any]:
         """(found, result) of what was obtained ahead for lineage ``name``."""
 
+    def plugin_substitutes(self) -> dict[str, str]:
+        """stock plugin name -> the plugin (by name) that stands in for it in this run."""
+
     def authenticator(self, auth: Any, config: Any) -> Any:
         """The authenticator a lineage's issuance ahead of the loop uses (e.g. one whose
         perform() joins the wave's DNS group)."""
@@ -148,6 +151,8 @@ BOUNDARY: tuple[Internal, ...] = (
              0),
     Internal(_D, "PluginsRegistry._load_entry_point", "build fresh plugin entry points from "
              "the cached list", "call", 2),
+    Internal(_D, "PluginEntryPoint.__init__", "inside a session a stock plugin's entry "
+             "builds its batch counterpart (the entry's plugin_cls it sets)", "read"),
     Internal("certbot._internal.client", "Client.obtain_certificate", "hand certbot's loop "
              "the certificate validated ahead in the batch", "wrap", 2),
     Internal("certbot._internal.error_handler", "ErrorHandler._set_signal_handlers",
@@ -622,12 +627,22 @@ def _wrap_find_all(raw: Any) -> Any:
             registry = fn()
             with current.lock:
                 current.plugin_entry_points = [ep.entry_point for ep in registry.values()]
-            return registry
-        plugins: dict[str, Any] = {}
-        for ep in eps:
-            _load_entry_point(cls, ep, plugins)
-        return cls(plugins)
+        else:
+            plugins: dict[str, Any] = {}
+            for ep in eps:
+                _load_entry_point(cls, ep, plugins)
+            registry = cls(plugins)
+        _substitute(registry, current.hooks.plugin_substitutes())
+        return registry
     return classmethod(find_all)
+
+
+def _substitute(registry: Any, substitutes: dict[str, str]) -> None:
+    """A stock plugin's entry builds its stand-in's class (same name, same options): the
+    registry's entries are fresh for each call, so nothing outlives the session."""
+    for stock, stand_in in substitutes.items():
+        if stock in registry and stand_in in registry:
+            registry[stock].plugin_cls = registry[stand_in].plugin_cls
 
 
 def _load_entry_point(cls: Any, ep: Any, plugins: dict[str, Any]) -> None:

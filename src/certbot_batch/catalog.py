@@ -24,6 +24,7 @@ class BatchPlugin:
 PLUGINS: tuple[BatchPlugin, ...] = (
     BatchPlugin("batch-webroot", "webroot", authenticator=True, installer=False),
     BatchPlugin("batch-apache", "apache", authenticator=True, installer=True),
+    BatchPlugin("batch-standalone", "standalone", authenticator=True, installer=False),
 )
 
 NAMES: tuple[str, ...] = tuple(p.name for p in PLUGINS)
@@ -31,3 +32,7 @@ NAMES: tuple[str, ...] = tuple(p.name for p in PLUGINS)
 STOCK_EQUIVALENT: dict[str, str] = {p.name: p.stock for p in PLUGINS}
 AUTHENTICATORS: tuple[str, ...] = tuple(p.name for p in PLUGINS if p.authenticator)
 INSTALLERS: tuple[str, ...] = tuple(p.name for p in PLUGINS if p.installer)
+#: Inside a renewal session, a lineage saved with one of these stock plugins is handled by
+#: its batch counterpart (same settings, same saved name: its renewal conf is not touched,
+#: and without certbot-batch it renews with stock certbot as before).
+STOCK_BATCHED: dict[str, str] = {p.stock: p.name for p in PLUGINS}

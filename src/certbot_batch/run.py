@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # types only: no import at run time (this module is the botto
     from certbot_batch.challenges.grouped import DnsWave
     from certbot_batch.challenges.journal import Journal
     from certbot_batch.challenges.prevalidate import OrderGate
+    from certbot_batch.challenges.standalone import Listener
     from certbot_batch.deploy.pending import PendingDeployments
     from certbot_batch.deploy.reload import DeployRun
     from certbot_batch.scan.state import LineageState, StateDB
@@ -110,6 +111,8 @@ class Wave:
     journal: Journal
     #: the wave's DNS groups (challenges/grouped.py), made when the first DNS lineage joins
     dns: Optional[DnsWave] = None
+    #: the wave's standalone http-01 listeners, by (address, port)
+    listeners: dict[tuple[str, int], Listener] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -42,7 +42,8 @@ def batchable(lineage_config: Any) -> bool:
     """Can this lineage's challenges be validated together with the rest of its wave?
     The batch plugins, and every DNS plugin built on certbot's dns_common (and manual with
     an auth hook), whose perform() joins a group of the wave (challenges/grouped.py)."""
-    if getattr(lineage_config, "authenticator", None) in BATCH_AUTHENTICATORS:
+    name = getattr(lineage_config, "authenticator", None)
+    if name in BATCH_AUTHENTICATORS or name in catalog.STOCK_BATCHED:
         return True
     return grouped.groupable(lineage_config)
 
@@ -189,6 +190,8 @@ def run_wave(session: Run, index: int, records: list[LineageRecord]) -> WaveRepo
                            ", ".join(report.abandoned[:20]))
     finally:
         batch.finish()
+        for listener in list(session.wave.listeners.values()):
+            listener.stop()
         session.wave = None
         report.provision_calls = batch.provision_calls
         report.cleanup_calls = batch.cleanup_calls

@@ -15,7 +15,10 @@ from certbot_batch.servers.base import Server, ServerRef
 #: installer plugin name -> how a lineage's settings name its server instance. These are
 #: the installers whose reload a renewal session defers to one confirmed reload per server
 #: at the end of the run.
-DEFERRED_INSTALLERS = {"batch-apache": apache.ref_of}
+DEFERRED_INSTALLERS = {"batch-apache": apache.ref_of,
+                       # inside a session certbot's own "apache" is batch-apache too
+                       # (catalog.STOCK_BATCHED)
+                       "apache": apache.ref_of}
 
 
 def ref_for(lineage_config: Any) -> Optional[ServerRef]:
