@@ -773,12 +773,32 @@ class RenewalSession:
         if session.stopping.is_set():
             raise replaces.Stopped("certbot-batch: the run is stopping (signal); no new order "
                                    "started")
+        self._check_fallback_profile(session.current_record(), client)
         wave = session.wave
         if wave is not None:
             # New orders of a wave go out one at a time, in urgency order.
             with wave.gate.turn(name):
                 return ordered()
         return ordered()
+
+    @staticmethod
+    def _check_fallback_profile(record: Optional[LineageRecord], client: Any) -> None:
+        """A lineage renewed from the fallback CA gets the profile it asks for there
+        (--preferred-profile / --required-profile, certbot >= 4.0), or an error of its own:
+        never a silently different certificate (another lifetime) from another CA."""
+        if record is None or not record.fallback or record.config is None:
+            return
+        wanted = getattr(record.config, "required_profile", None) or \
+            getattr(record.config, "preferred_profile", None)
+        if not isinstance(wanted, str) or not wanted:
+            return
+        meta = getattr(getattr(client, "directory", None), "meta", None)
+        offered = getattr(meta, "profiles", None) or {}
+        if wanted not in offered:
+            raise errors.Error(
+                f"the fallback CA {record.fallback} does not offer the profile {wanted!r} "
+                f"that {record.name} asks for (it offers {', '.join(sorted(offered)) or 'none'}"
+                "); not renewed from it: the next run tries its own CA again")
 
     def replaces(self) -> Optional[str]:
         return replaces.payload_replaces(self.run.local)

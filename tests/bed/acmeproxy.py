@@ -433,6 +433,7 @@ class AcmeProxy:
         self._key_path = self.dir / "proxy-key.pem"
 
         self._lock = threading.Lock()
+        self._order_payloads: List[Dict[str, Any]] = []
         self._changed = threading.Condition(self._lock)
         self._rules: List[_Rule] = []
         self._down: Optional[str] = None
@@ -643,6 +644,7 @@ class AcmeProxy:
         self._forwarded: collections.Counter[str] = collections.Counter()
         self._answered: collections.Counter[str] = collections.Counter()
         self._log: Deque[LogEntry] = collections.deque(maxlen=100_000)
+        self._order_payloads = []
         self._dropped_connections = 0
 
     def reset_counters(self) -> None:
@@ -681,6 +683,12 @@ class AcmeProxy:
         """Connections reset or hung by :meth:`down` ("reset"/"hang") since the last reset."""
         with self._lock:
             return self._dropped_connections
+
+    def order_payloads(self) -> List[Dict[str, Any]]:
+        """The JWS payload of every newOrder received (forwarded or answered), oldest first:
+        identifiers, ``replaces``, ``profile``..."""
+        with self._lock:
+            return list(self._order_payloads)
 
     def log(self, kind: Optional[str] = None) -> List[LogEntry]:
         """Every answered request (of ``kind``), oldest first."""
@@ -908,7 +916,10 @@ class AcmeProxy:
         return h.rfile.read(length) if length > 0 else b""
 
     def _record(self, req: _Request, status: int, forwarded: bool) -> None:
+        payload = req._decoded()[1] if req.kind == "newOrder" else None
         with self._changed:
+            if isinstance(payload, dict):
+                self._order_payloads.append(payload)
             (self._forwarded if forwarded else self._answered)[req.kind] += 1
             self._log.append(LogEntry(req.received, req.method, req.kind, req.path, status,
                                       forwarded))
