@@ -416,13 +416,17 @@ def test_sigkill_leftovers_removed_by_next_run(slow_bed: Bed) -> None:
 
 # -- 7. authenticators that are not batch-capable ------------------------------------------------
 
-def test_plain_webroot_renews_per_lineage_in_session(bed: Bed) -> None:
+def test_plain_webroot_is_batched_in_session_conf_untouched(bed: Bed) -> None:
+    """Issue 18, item 3: inside a session certbot's own webroot is batched too, and its
+    renewal confs keep naming it."""
     names = bed.add(3, "plain")
     proc = bed.renew("--force-renewal", "--batch-engine")
     text = out(proc)
     assert proc.returncode == 0, text
-    assert "certbot-batch: checked 3 lineage(s)" in text  # the session ran ...
-    assert "validating" not in text and not SUMMARY.search(text)  # ... without a batch
+    assert "certbot-batch: checked 3 lineage(s)" in text
+    assert "validating 3 lineage(s) together" in text, text
+    match = SUMMARY.search(text)
+    assert match and match.group(3) == "1", text  # one provisioning action
     assert bed.orders() == 3
     for name in names:
         assert bed.versions(name) == 2, name

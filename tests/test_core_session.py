@@ -156,6 +156,14 @@ def test_waves_in_urgency_order_and_a_clean_exit(harness: Harness) -> None:
     assert {outcomes[n] for n in soon + later} == {Outcome.RENEWED}
     assert {outcomes[n] for n in fresh} == {Outcome.NOT_DUE}
     assert any("checked 9 lineage(s)" in n for n in harness.notes)
+    # A long run says how far it is, wave after wave.
+    progress = [n for n in harness.notes if "progress:" in n]
+    assert [p.split("progress: ")[1].split(" due")[0] for p in progress] == \
+        ["3 of 7", "6 of 7", "7 of 7"]
+    assert "(7 renewed)" in progress[-1] and "left" in progress[-1]
+    # What a wave needed to be loaded is let go once it is saved.
+    assert all(r.config is None and r.lineage is None
+               for r in harness.session.run.records.values())  # type: ignore[union-attr]
     # Not-due ones are listed the way certbot lists them.
     skipped = harness.summary[0][2]
     assert len(skipped) == 2 and all("(skipped)" not in s for s in skipped)

@@ -196,6 +196,11 @@ BOUNDARY: tuple[Internal, ...] = (
              "wrap", 2),
     Internal(_M, "_init_le_client", "a lineage renewed from the fallback CA is saved with "
              "its own renewal conf (primary server) by certbot's loop", "wrap", 3),
+    Internal("acme.client", "ClientV2.get_directory", "inside a session each CA's "
+             "directory is fetched once per run (certbot builds a client per lineage)",
+             "wrap", 2),
+    Internal(_M, "_determine_account", "inside a session the account is loaded once per "
+             "run (certbot loads and parses its key for every lineage)", "wrap", 1),
     Internal(_DNS, "DNSAuthenticator._perform", "dns-01 groups follow each record through "
              "the plugin's own per-record method (created?)", "call", 4),
     Internal(_DNS, "DNSAuthenticator._cleanup", "dns-01 groups follow each record through "
@@ -800,6 +805,43 @@ def _wrap_init_le_client(orig: Callable[..., Any]) -> Callable[..., Any]:
     return _init_le_client
 
 
+def _wrap_get_directory(raw: Any) -> Any:
+    orig_cm = raw  # a classmethod object
+
+    def get_directory(cls: Any, url: str, net: Any, *args: Any, **kwargs: Any) -> Any:
+        fn = orig_cm.__get__(None, cls)
+        current = run.current()
+        if current is None or args or kwargs:
+            return fn(url, net, *args, **kwargs)
+        with current.lock:
+            found = current.directories.get(url)
+        if found is None:
+            found = fn(url, net)
+            with current.lock:
+                current.directories.setdefault(url, found)
+        return found
+    return classmethod(get_directory)
+
+
+def _wrap_determine_account(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def _determine_account(config: Any, *args: Any, **kwargs: Any) -> Any:
+        current = run.current()
+        if current is None or args or kwargs:
+            return orig(config, *args, **kwargs)
+        key = (str(getattr(config, "server", "")), str(getattr(config, "account", "") or ""))
+        with current.lock:
+            acc = current.accounts.get(key)
+        if acc is None:
+            acc, acme = orig(config)
+            if acme is not None:  # just registered: certbot's own path, nothing to reuse
+                return acc, acme
+            with current.lock:
+                current.accounts.setdefault(key, acc)
+        config.account = acc.id  # as certbot's own does
+        return acc, None
+    return _determine_account
+
+
 def fallback_config(config: Any, server: str) -> Any:
     """``config`` for a client of another CA: its server, no account of the first one
     (NamespaceConfig: a shallow copy would share its values)."""
@@ -833,6 +875,8 @@ _WRAPPERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("certbot._internal.auth_handler", "AuthHandler._report_failed_authzrs"):
         _wrap_report_failed,
     (_M, "_init_le_client"): _wrap_init_le_client,
+    ("acme.client", "ClientV2.get_directory"): _wrap_get_directory,
+    (_M, "_determine_account"): _wrap_determine_account,
 }
 
 # Every wrapped entry has a wrapper, and nothing else is wrapped.

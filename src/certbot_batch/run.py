@@ -141,6 +141,10 @@ class Run:
     post_hook_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = \
         dataclasses.field(default_factory=list)
     hold_back_summary: bool = False
+    #: per CA directory URL: its directory (fetched once per run, not once per client)
+    directories: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: per (server, account asked for): certbot's account (loaded once per run)
+    accounts: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
     #: per thread: the lineage it works on, the certID its next new-order replaces
     local: threading.local = dataclasses.field(default_factory=threading.local)
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import logging.handlers
 import os
+import queue
 import random
 import re
 import signal
@@ -184,6 +186,48 @@ def stop_signals(session: Run) -> Scope:
     return Scope(enter, leave)
 
 
+def queued_file_logging() -> Scope:
+    """While the waves run, certbot's log file gets its records through a queue, written in
+    order by one thread. The wave's worker threads all log through it (acme logs every
+    request and answer at debug level), and its lock became a convoy: in a profile of a
+    300-lineage run, 44 % of the worker threads' samples waited for it. Set up and undone
+    in the main thread; the console handler stays as it is."""
+    root = logging.getLogger()
+    swapped: list[tuple[int, logging.Handler]] = []
+    state: dict[str, Any] = {}
+
+    def enter() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        files = [(i, h) for i, h in enumerate(root.handlers)
+                 if isinstance(h, logging.FileHandler)]
+        if not files:
+            return
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        feed = logging.handlers.QueueHandler(records)
+        feed.setLevel(min(h.level for _, h in files))
+        listener = logging.handlers.QueueListener(records, *(h for _, h in files),
+                                                  respect_handler_level=True)
+        for _, handler in files:
+            root.removeHandler(handler)
+        swapped.extend(files)
+        root.addHandler(feed)
+        listener.start()
+        state.update(feed=feed, listener=listener)
+
+    def leave() -> None:
+        if not state:
+            return
+        root.removeHandler(state["feed"])
+        state["listener"].stop()  # writes what is still queued
+        for index, handler in swapped:
+            root.handlers.insert(min(index, len(root.handlers)), handler)
+        swapped.clear()
+        state.clear()
+
+    return Scope(enter, leave)
+
+
 def _urgency(state: LineageState) -> float:
     """Sooner is more urgent: the end of the ARI window or the expiry, whichever first."""
     candidates = [t for t in (state.window_end, state.not_after) if t is not None]
@@ -280,7 +324,8 @@ class RenewalSession:
                 if activation is not None:
                     session.hold_back_summary = True
                     try:
-                        self._renew_in_waves(report)
+                        with queued_file_logging():
+                            self._renew_in_waves(report)
                     finally:
                         session.hold_back_summary = False
                         activation.__exit__(None, None, None)  # certbot as stock from here
@@ -306,6 +351,7 @@ class RenewalSession:
         broken_confs = [r.conf_path for r in session.with_outcome(Outcome.BROKEN)]
         size = int(getattr(config, "batch_size", None) or 100)
         waves = [due[i:i + size] for i in range(0, len(due), size)] or [[]]
+        began = time.monotonic()
         slept = False
         called = False
         for index, wave in enumerate(waves):
@@ -348,6 +394,22 @@ class RenewalSession:
             self._certbot_loop(confs)
             session.ledger.flush()
             called = True
+            for record in wave:
+                # Saved (or not): the wave's configs and certbot objects are no longer
+                # needed (bounded memory at tens of thousands of lineages).
+                record.config = record.lineage = None
+                record.take_result()
+            if len(waves) > 1:
+                self._progress(began, sum(len(w) for w in waves[:index + 1]), len(due))
+
+    def _progress(self, started: float, handled: int, due: int) -> None:
+        """One line a person can follow through a long run (a mass renewal)."""
+        renewed = len(self.renewed)
+        elapsed = max(time.monotonic() - started, 1e-6)
+        rate = handled / elapsed
+        left = (due - handled) / rate if rate > 0 else 0.0
+        _certbot.notify(f"certbot-batch: progress: {handled} of {due} due lineage(s) done "
+                        f"({renewed} renewed), {rate:.1f}/s, about {_duration(left)} left")
 
     def _validate_together(self, index: int, count: int,
                            records: list[LineageRecord]) -> None:
@@ -911,6 +973,17 @@ def _ca_problem(exc: BaseException, depth: int = 0) -> bool:
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and depth < 5 and _ca_problem(cause, depth + 1)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def _day(ts: Optional[float]) -> str:
