@@ -24,9 +24,9 @@ import time
 from typing import Any, Optional
 
 from certbot_batch import _certbot, catalog, paths
-from certbot_batch.challenges.apache import ApacheChallengeProvisioner
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
+from certbot_batch.challenges.nginx import NginxChallengeProvisioner
 from certbot_batch.context import RunContext, Scope
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ def run_wave(ctx: RunContext, items: list[Prepared]) -> WaveReport:
         return report
     _certbot.find_plugins()  # fills the session's entry-point cache before the threads start
     journal = Journal(paths.journal_paths(ctx.config))
-    batch = ChallengeBatch([item.name for item in items], ApacheChallengeProvisioner(journal))
+    # One provisioner for every kind of the wave (webroot files, Apache, nginx).
+    batch = ChallengeBatch([item.name for item in items], NginxChallengeProvisioner(journal))
     gate = OrderGate([item.name for item in items], ctx.stopping)
     done = threading.Condition()
     results: dict[str, Any] = {}
