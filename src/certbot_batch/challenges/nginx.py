@@ -153,6 +153,8 @@ class _Instance:
     tokens: dict[str, bytes] = dataclasses.field(default_factory=dict)
     #: real path -> offsets (in the original text) where the include was inserted
     edits: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    #: real path -> (atime_ns, mtime_ns) before the first edit (restored with the text)
+    times: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     snippet: bool = False
     blocks: list[ServerBlock] = dataclasses.field(default_factory=list)
 
@@ -263,9 +265,9 @@ class NginxChallengeProvisioner(ApacheChallengeProvisioner):
                 found = walk_for_run(settings.server_root, fresh=True)
                 raise errors.PluginError(f"{path} changed while certbot ran; try again")
             st = os.stat(real)
+            atime, mtime = inst.times.setdefault(real, (st.st_atime_ns, st.st_mtime_ns))
             self.journal.record("insert", [real], root=settings.server_root, text=text,
-                                sha256=found.digests.get(path),
-                                mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns)
+                                sha256=found.digests.get(path), mtime_ns=mtime, atime_ns=atime)
             offsets = sorted({b.open_end for b in file_blocks})
             done = inst.edits.get(real, [])
             # Offsets are in the text as walked (without our inserts): apply all of this
@@ -283,12 +285,15 @@ class NginxChallengeProvisioner(ApacheChallengeProvisioner):
         text = include_text(settings)
         for real in list(inst.edits):
             try:
-                journal_mod.undo_insert({"path": real, "text": text})
+                atime, mtime = inst.times.get(real, (None, None))
+                journal_mod.undo_insert({"path": real, "text": text, "atime_ns": atime,
+                                         "mtime_ns": mtime})
             except OSError as exc:
                 logger.error("certbot-batch: could not remove the challenge include from %s: "
                              "%s (remove the text '%s' by hand)", real, exc, text.strip())
                 continue
             del inst.edits[real]
+            inst.times.pop(real, None)
         inst.blocks.clear()
         if inst.snippet:
             try:
