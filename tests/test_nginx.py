@@ -373,9 +373,10 @@ def test_stopped_nginx_is_started(bot: Certbot, nginx: Nginx, npebble: Pebble,
 WAVE = 2
 
 
-def _trigger(nginx: Nginx, bot: Certbot, names: list[str], phase: str) -> Callable[[], bool]:
-    if phase == "provisioning":
-        return lambda: (nginx.root / SNIPPET).exists()
+def _trigger(nginx: Nginx, bot: Certbot, names: list[str], phase: str,
+             before: dict[str, str]) -> Callable[[], bool]:
+    if phase == "provisioning":  # snippet written and the include inserted
+        return lambda: (nginx.root / SNIPPET).exists() and nginx.digest() != before
     if phase == "loop":
         return lambda: any(len(list((bot.config_dir / "archive" / n).glob("cert*.pem"))) >= 2
                            for n in names)
@@ -400,7 +401,7 @@ def test_stopped_or_killed_run_leaves_config_identical(bot: Certbot, nginx: Ngin
                             env=bot.env(), cwd=bot.base_dir,
                             preexec_fn=certbots.default_stop_signals)
     try:
-        check = _trigger(nginx, bot, names, phase)
+        check = _trigger(nginx, bot, names, phase, before)
         end = time.monotonic() + 180
         while not check() and proc.poll() is None and time.monotonic() < end:
             time.sleep(0.01)
@@ -415,6 +416,8 @@ def test_stopped_or_killed_run_leaves_config_identical(bot: Certbot, nginx: Ngin
     if sig == signal.SIGTERM:
         assert proc.returncode != 0
         assert nginx.digest() == before  # a stopped run cleans up itself
+    elif phase == "provisioning":
+        assert nginx.digest() != before  # killed with the include in the user's files
 
     # any certbot command: challenge configuration gone, configuration byte-identical
     follow = bot.run("certificates")

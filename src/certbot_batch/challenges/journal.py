@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from typing import Any, Iterable, Optional, Union
@@ -95,11 +94,22 @@ def strip_insert(text: str, inserted: str) -> str:
     return text.replace(inserted, "") if inserted else text
 
 
+def temp_path_for(path: str) -> str:
+    """Where ``write_preserving`` stages ``path``'s new text: a fixed name (recovery removes
+    one a kill left), a dot file (nginx's include globs skip it)."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.certbot-batch-tmp")
+
+
 def write_preserving(path: str, text: str, st: os.stat_result) -> None:
     """Replace ``path`` atomically with ``text`` (a temp file in its directory, fsynced,
     renamed), keeping its mode and owner."""
     directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".certbot-batch-")
+    tmp = temp_path_for(path)
+    try:
+        os.remove(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
             fh.write(text)
@@ -131,6 +141,10 @@ def undo_insert(item: dict[str, Any]) -> bool:
                           path)
         return False
     real = os.path.realpath(path)
+    try:
+        os.remove(temp_path_for(real))  # staged by a write a kill interrupted
+    except FileNotFoundError:
+        pass
     try:
         with open(real, encoding="utf-8", errors="surrogateescape", newline="") as fh:
             current = fh.read()
