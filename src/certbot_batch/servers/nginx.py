@@ -162,7 +162,9 @@ def text_digest(text: str) -> str:
 def _unquote(token: str) -> str:
     if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
         token = token[1:-1]
-    return re.sub(r"\\(.)", r"\1", token)
+    # nginx unescapes only \" \' \\ \t \r \n (a regex's \d stays as it is)
+    return re.sub(r"\\([\"'\\trn])", lambda m: {"t": "\t", "r": "\r", "n": "\n"}.get(
+        m.group(1), m.group(1)), token)
 
 
 def tokens(text: str) -> Iterator[tuple[str, int, int, bool]]:
@@ -373,7 +375,7 @@ def endpoints_of(found: Walk) -> dict[str, list[Endpoint]]:
         ssl_listens = [x for x in block.listens if x.ssl]
         if not ssl_listens:
             continue
-        files = block.certs + block.keys or found.http_certs
+        files = (block.certs or found.http_certs) + block.keys  # certificates inherit
         plain = [n for n in block.names if n and not n.startswith("~") and n != "_"]
         sni = next((n for n in plain if "*" not in n and not n.startswith(".")),
                    plain[0] if plain else "")
@@ -399,6 +401,16 @@ class NginxServer(Server):
         super().__init__(ref)
         self._defaults: Optional[dict[str, str]] = None
         self._log_offsets: dict[str, int] = {}
+        self._walked: Optional[tuple[tuple[Any, ...], Walk]] = None
+
+    def walk(self) -> Walk:
+        """The configuration walk, again only when a file it read (or a directory holding
+        one) changed since: a deployment asks for it five times."""
+        if self._walked is not None and self._walked[0] == _signature(self._walked[1]):
+            return self._walked[1]
+        found = walk(self.ref.root)
+        self._walked = (_signature(found), found)
+        return found
 
     def ctl_problem(self) -> Optional[str]:
         """The control program is missing, or the configuration is broken already
@@ -444,12 +456,12 @@ class NginxServer(Server):
     def pid_file(self) -> Optional[str]:
         """The ``pid`` of the main configuration, else the compiled-in default (``nginx
         -V``, asked once)."""
-        found = walk(self.ref.root)
+        found = self.walk()
         pid = found.pid or self._default("pid-path")
         return self._absolute(pid) if pid else None
 
     def error_logs(self) -> list[str]:
-        found = walk(self.ref.root)
+        found = self.walk()
         logs = [p for p in found.error_logs if p not in ("stderr",)
                 and not p.startswith(("syslog:", "memory:"))]
         if not found.error_logs:
@@ -498,10 +510,24 @@ class NginxServer(Server):
         return state
 
     def referenced_paths(self) -> set[str]:
-        return walk(self.ref.root).cert_paths
+        return self.walk().cert_paths
 
     def endpoints(self) -> dict[str, list[Endpoint]]:
-        return endpoints_of(walk(self.ref.root))
+        return endpoints_of(self.walk())
+
+
+def _signature(found: Walk) -> tuple[Any, ...]:
+    """What changes when the configuration nginx reads may have changed: every file walked
+    (or missing), and the directories holding them (a file added to an include glob)."""
+    out: list[Any] = []
+    paths = found.files + found.unreadable
+    for path in paths + sorted({os.path.dirname(p) for p in paths}):
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append((path,))
+    return tuple(out)
 
 
 def _accepting_worker(pid: int) -> bool:
