@@ -240,6 +240,27 @@ def test_new_name_is_deployed_through_certbots_nginx_code(bot: Certbot, nginx: N
     assert_serves_live(bot, nginx, [name])
 
 
+def test_authenticator_outside_a_session_and_dry_run(bot: Certbot, nginx: Nginx,
+                                                     npebble: Pebble) -> None:
+    """certonly (no renewal session): serve + clean up with a reload each; a --dry-run
+    renewal reloads at cleanup (a dry run has no deployment reload). Files identical."""
+    name = "single.example.test"
+    nginx.add_http_server(name)
+    nginx.reload()
+    nginx.reset_counts()
+    before = nginx.digest()
+    bot.run("certonly", "-a", "batch-nginx", *nginx.certbot_args(), "-d", name, check=True)
+    assert nginx.counts().reload == 2, nginx.ctl_calls()
+    assert nginx.digest() == before
+    assert "authenticator = batch-nginx" in bot.renewal_conf(name).read_text()
+    nginx.reset_counts()
+    proc = bot.run("renew", "--dry-run")
+    assert proc.returncode == 0, output_of(proc) + bot.log_text()[-6000:]
+    assert (nginx.counts().reload, nginx.counts().version) == (2, 0), nginx.ctl_calls()
+    assert nginx.digest() == before
+    assert not (nginx.root / SNIPPET).exists()
+
+
 # -- 4: configtest failing at the end: renewed, not deployed, deployed after the fix ----------
 
 def test_configtest_failure_renewed_not_deployed_then_deployed(bot: Certbot, nginx: Nginx,
