@@ -188,6 +188,34 @@ def test_renew_batch_nginx_one_reload_each_no_parse(bot: Certbot, nginx: Nginx,
     assert nginx.counts().reload == 0, nginx.ctl_calls()
 
 
+def test_failed_validation_leaves_config_identical(bot: Certbot, nginx: Nginx,
+                                                   npebble: Pebble) -> None:
+    """One name's plain-HTTP server answers 403 to everything at server level (before any
+    location): that lineage fails, the others renew; the files are identical either way."""
+    names = setup_lineages(bot, nginx, npebble, 3, prefix="fail", http="own", reload=False)
+    nginx.write_site(f"{names[0]}-http", (
+        "server {\n"
+        f"\tlisten 127.0.0.1:{nginx.http_port};\n"
+        f"\tserver_name {names[0]};\n"
+        "\treturn 403;\n}\n"))
+    nginx.reload()
+    nginx.reset_counts()
+    before = nginx.digest()
+    old = {n: live_cert(bot, n).serial_number for n in names}
+    proc = bot.run("renew", "--force-renewal")
+    text = output_of(proc)
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text
+    assert f"/live/{names[0]}/fullchain.pem (failure)" in text, text
+    assert live_cert(bot, names[0]).serial_number == old[names[0]]
+    for name in names[1:]:
+        assert live_cert(bot, name).serial_number != old[name]
+    assert_serves_live(bot, nginx, names)
+    assert nginx.digest() == before
+    assert not (nginx.root / SNIPPET).exists()
+    assert not journal(bot).exists() or journal(bot).read_text() == ""
+
+
 # -- 2: -a webroot -i batch-nginx; switching from -i nginx keeps the saved settings -----------
 
 def test_webroot_and_switch_from_stock_nginx(bot: Certbot, nginx: Nginx,
