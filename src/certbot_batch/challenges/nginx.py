@@ -204,6 +204,11 @@ class NginxChallengeProvisioner(ApacheChallengeProvisioner):
                     "serving challenges. Remove it (and the include lines naming it) if no "
                     "certbot is running.")
             blocks, unserved = plan(found, [i.identifier for i in items])
+            if not inst.edits and not _unchanged(found, blocks, include_text(settings)):
+                # Edited since this run walked it (certbot's own nginx code for a new
+                # name, an admin): walk again, once.
+                found = walk_for_run(settings.server_root, fresh=True)
+                blocks, unserved = plan(found, [i.identifier for i in items])
             if unserved:
                 raise errors.PluginError(
                     f"no nginx server block answers {', '.join(unserved)} over plain HTTP "
@@ -261,9 +266,7 @@ class NginxChallengeProvisioner(ApacheChallengeProvisioner):
                 original = fh.read()
             current = journal_mod.strip_insert(original, text)
             if nginx_server.text_digest(current) != found.digests.get(path):
-                # Changed since the walk (by someone else): walk again, once.
-                found = walk_for_run(settings.server_root, fresh=True)
-                raise errors.PluginError(f"{path} changed while certbot ran; try again")
+                raise errors.PluginError(f"{path} changed while certbot was editing it")
             st = os.stat(real)
             atime, mtime = inst.times.setdefault(real, (st.st_atime_ns, st.st_mtime_ns))
             self.journal.record("insert", [real], root=settings.server_root, text=text,
@@ -353,6 +356,21 @@ class NginxChallengeProvisioner(ApacheChallengeProvisioner):
                 if not outcome.ok:
                     logger.warning("Could not reload nginx after removing the challenge "
                                    "configuration: %s", outcome.message)
+
+
+def _unchanged(found: Walk, blocks: list[ServerBlock], inserted: str) -> bool:
+    """Are the files of ``blocks`` still what ``found`` read (our own inserts aside)?"""
+    for path in {b.file for b in blocks}:
+        try:
+            with open(os.path.realpath(path), encoding="utf-8", errors="surrogateescape",
+                      newline="") as fh:
+                text = fh.read()
+        except OSError:
+            return False
+        if nginx_server.text_digest(journal_mod.strip_insert(text, inserted)) != \
+                found.digests.get(path):
+            return False
+    return True
 
 
 def _write_file(path: str, text: str) -> None:
