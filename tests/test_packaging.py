@@ -41,6 +41,7 @@ DEPENDENCIES = {"certbot", "acme", "cryptography", "requests", "urllib3", "confi
 ENTRY_POINTS = {
     ("certbot.plugins", "batch-webroot"): "certbot_batch.plugins.webroot:BatchWebrootAuthenticator",
     ("certbot.plugins", "batch-apache"): "certbot_batch.plugins.apache:BatchApacheConfigurator",
+    ("certbot.plugins", "batch-nginx"): "certbot_batch.plugins.nginx:BatchNginxConfigurator",
     ("console_scripts", "certbot-batch"): "certbot_batch.cli:main",
 }
 SKIP_IF_LOCKED = "--batch-skip-if-locked"
@@ -143,7 +144,7 @@ def test_metadata() -> None:
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", r.strip()) for r in required), required
 
 
-def test_entry_points_are_exactly_the_two_plugins_and_the_script() -> None:
+def test_entry_points_are_exactly_the_plugins_and_the_script() -> None:
     eps = importlib.metadata.distribution(DIST).entry_points
     assert {(ep.group, ep.name): ep.value for ep in eps} == ENTRY_POINTS
 
@@ -153,7 +154,7 @@ def test_interpreter_meets_requires_python() -> None:
     # The call that made 3.9 impossible (plugins/apache.py looks certbot's Apache plugin up
     # this way; 3.9's entry_points() takes no arguments).
     names = {ep.name for ep in importlib.metadata.entry_points(group="certbot.plugins")}
-    assert {"batch-webroot", "batch-apache"} <= names
+    assert {"batch-webroot", "batch-apache", "batch-nginx"} <= names
 
 
 def test_ruff_target_matches_requires_python() -> None:
