@@ -20,16 +20,17 @@ from tests.bed.pebble import Pebble
 #: Fixtures that start the real test bed (pebble, Apache, BIND) or run certbot in a
 #: subprocess of a configured flavour: a test that uses one (directly or through another
 #: fixture) is marked ``bed``.
-_BED_FIXTURES = frozenset({"apache", "pebble", "certbot", "certbot_flavour", "bind", "webroot"})
+_BED_FIXTURES = frozenset({"apache", "pebble", "certbot", "certbot_flavour", "bind", "webroot",
+                           "nginx"})
 #: End-to-end files: everything in them needs the bed, whatever fixtures a test names.
 _BED_FILES = frozenset({"test_apache_deploy.py", "test_bed_acmeproxy.py", "test_bed_bind.py",
                         "test_challenges.py", "test_compat.py", "test_deb.py",
-                        "test_foundation.py", "test_session_e2e.py"})
+                        "test_foundation.py", "test_nginx.py", "test_session_e2e.py"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``pytest -m "not bed"`` is the in-process subset a distribution runs at build time
-    (no pebble, no Apache, no certbot subprocess)."""
+    (no pebble, no Apache, no nginx, no certbot subprocess)."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & _BED_FIXTURES or Path(str(item.fspath)).name in _BED_FILES:

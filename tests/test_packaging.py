@@ -43,6 +43,7 @@ ENTRY_POINTS = {
     ("certbot.plugins", "batch-apache"): "certbot_batch.plugins.apache:BatchApacheConfigurator",
     ("certbot.plugins", "batch-standalone"):
         "certbot_batch.plugins.standalone:BatchStandaloneAuthenticator",
+    ("certbot.plugins", "batch-nginx"): "certbot_batch.plugins.nginx:BatchNginxConfigurator",
     ("console_scripts", "certbot-batch"): "certbot_batch.cli:main",
 }
 SKIP_IF_LOCKED = "--batch-skip-if-locked"
@@ -155,7 +156,7 @@ def test_interpreter_meets_requires_python() -> None:
     # The call that made 3.9 impossible (plugins/apache.py looks certbot's Apache plugin up
     # this way; 3.9's entry_points() takes no arguments).
     names = {ep.name for ep in importlib.metadata.entry_points(group="certbot.plugins")}
-    assert {"batch-webroot", "batch-apache"} <= names
+    assert {"batch-webroot", "batch-apache", "batch-nginx"} <= names
 
 
 def test_ruff_target_matches_requires_python() -> None:

@@ -24,6 +24,7 @@ class BatchPlugin:
 PLUGINS: tuple[BatchPlugin, ...] = (
     BatchPlugin("batch-webroot", "webroot", authenticator=True, installer=False),
     BatchPlugin("batch-apache", "apache", authenticator=True, installer=True),
+    BatchPlugin("batch-nginx", "nginx", authenticator=True, installer=True),
     BatchPlugin("batch-standalone", "standalone", authenticator=True, installer=False),
 )
 

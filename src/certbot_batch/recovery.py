@@ -3,9 +3,11 @@
 ``_certbot`` calls :func:`on_certbot_start` right after certbot created its directories and
 took its lock, for every command (stock ``certbot renew`` from certbot's timer included):
 
-* challenge files and batch-apache's challenge snippet named by the journal are removed
-  (only inside the webroots / challenge directories they were written for); a server whose
-  snippet was live gets a pending reload;
+* challenge files and batch-apache's / batch-nginx's challenge snippet named by the journal
+  are removed (only inside the webroots / challenge directories / server root they were
+  written for), and the include batch-nginx inserted into server blocks is taken out again
+  (the files byte-identical); a server whose challenge configuration was live gets a
+  pending reload;
 * TXT records of dns-01 groups are removed with each lineage's own DNS plugin (in commands
   other than ``renew`` within a few seconds: a slow or dead DNS server is left to the next
   ``renew``, in one line);

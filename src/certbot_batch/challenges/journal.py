@@ -8,13 +8,17 @@ to the mirror directory in certbot's config directory when the state directory c
 written (one warning; a journal that cannot be written anywhere never costs a renewal),
 and only trusted when its owner and mode are safe. Recovery deletes nothing but challenge
 files (directly inside a ``.well-known/acme-challenge`` directory, inside the webroot they
-were written for), the directories made for them, and batch-apache's challenge snippet.
+were written for), the directories made for them, batch-apache's challenge snippet and
+batch-nginx's (in the server root it was written for); and the only edit it undoes in a
+user's file is the removal of the exact ``include "…/certbot-batch-acme-nginx.conf";`` text
+batch-nginx inserted (``insert`` entries): nothing else of the file changes.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any, Iterable, Optional, Union
@@ -25,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 #: batch-apache's challenge snippet (challenges/apache.py SNIPPET_NAME)
 SNIPPET = "certbot-batch-acme.conf"
+#: batch-nginx's challenge snippet (in the nginx server root; challenges/nginx.py)
+NGINX_SNIPPET = "certbot-batch-acme-nginx.conf"
+#: what batch-nginx inserts after a server block's "{" (journal kind "insert")
+_NGINX_INCLUDE = re.compile(r'^ include "(/[^"\\]*/' + re.escape(NGINX_SNIPPET) + r')";$')
 #: the directory (inside the Apache challenge location) batch-apache serves challenges from
 APACHE_CHALLENGE_DIR = "certbot-batch-http01"
 #: dns-01 records of certbot's DNS plugins and manual hooks (challenges/grouped.py), kept in
@@ -50,6 +58,10 @@ def safe_to_remove(kind: str, path: str, root: Optional[str]) -> Optional[str]:
         return "not a plain absolute path"
     parent = os.path.dirname(path)
     if kind == "file":
+        if os.path.basename(path) == NGINX_SNIPPET:
+            if root is None or os.path.normpath(root) != parent:
+                return "not in the nginx server root it was written for"
+            return None
         if os.path.basename(path) == SNIPPET:
             if os.path.basename(parent) != "conf-enabled":
                 return "not in a conf-enabled directory"
@@ -71,6 +83,85 @@ def safe_to_remove(kind: str, path: str, root: Optional[str]) -> Optional[str]:
                 return f"not inside {root}"
         return None
     return f"unknown kind {kind!r}"
+
+
+def nginx_include(snippet_path: str) -> str:
+    """The text batch-nginx inserts after a server block's ``{``."""
+    return f' include "{snippet_path}";'
+
+
+def strip_insert(text: str, inserted: str) -> str:
+    return text.replace(inserted, "") if inserted else text
+
+
+def temp_path_for(path: str) -> str:
+    """Where ``write_preserving`` stages ``path``'s new text: a fixed name (recovery removes
+    one a kill left), a dot file (nginx's include globs skip it)."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.certbot-batch-tmp")
+
+
+def write_preserving(path: str, text: str, st: os.stat_result) -> None:
+    """Replace ``path`` atomically with ``text`` (a temp file in its directory, fsynced,
+    renamed), keeping its mode and owner."""
+    directory = os.path.dirname(path)
+    tmp = temp_path_for(path)
+    try:
+        os.remove(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fchmod(fh.fileno(), st.st_mode & 0o7777)
+            try:
+                os.fchown(fh.fileno(), st.st_uid, st.st_gid)
+            except OSError:
+                pass
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    durable.fsync_dir(directory)
+
+
+def undo_insert(item: dict[str, Any]) -> bool:
+    """Remove the text an ``insert`` entry names from its file (the file is then what it
+    was before, byte for byte, whatever else changed in it meanwhile). Only batch-nginx's
+    include of its own snippet is ever removed. Returns True when the file changed."""
+    path, text = str(item.get("path") or ""), str(item.get("text") or "")
+    if not os.path.isabs(path) or not _NGINX_INCLUDE.match(text):
+        durable.warn_once(f"unsafe-insert:{path}", "certbot-batch: not editing %s named by "
+                          "the challenge journal: not an include of certbot-batch's snippet",
+                          path)
+        return False
+    real = os.path.realpath(path)
+    try:
+        os.remove(temp_path_for(real))  # staged by a write a kill interrupted
+    except FileNotFoundError:
+        pass
+    try:
+        with open(real, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            current = fh.read()
+    except FileNotFoundError:
+        return False
+    if text not in current:
+        return False
+    st = os.stat(real)
+    write_preserving(real, strip_insert(current, text), st)
+    mtime, atime = item.get("mtime_ns"), item.get("atime_ns")
+    if isinstance(mtime, int) and isinstance(atime, int):
+        try:
+            os.utime(real, ns=(atime, mtime))
+        except OSError:
+            pass
+    logger.info("certbot-batch: removed the challenge include from %s", real)
+    return True
 
 
 class Journal:
@@ -222,13 +313,27 @@ class Journal:
             self.clear()
             return []
         snippets = [i["path"] for i in items if i["kind"] == "file"
-                    and os.path.basename(i["path"]) == SNIPPET and os.path.lexists(i["path"])]
+                    and os.path.basename(i["path"]) in (SNIPPET, NGINX_SNIPPET)
+                    and os.path.lexists(i["path"])]
+        # Edits first: a server block must not include a snippet that is already gone.
+        edited = 0
+        for item in items:
+            if item["kind"] == "insert":
+                try:
+                    edited += undo_insert(item)
+                except OSError as exc:
+                    logger.error("certbot-batch: could not remove the challenge include from "
+                                 "%s: %s (remove the text '%s' by hand)", item["path"], exc,
+                                 str(item.get("text", "")).strip())
+        if edited:
+            logger.warning("certbot-batch: removed the challenge include an interrupted run "
+                           "left in %d nginx configuration file(s)", edited)
         removed = remove_items(items)
         if removed:
             logger.warning("certbot-batch: removed %d challenge file(s)/dir(s) left behind by "
                            "an interrupted run", removed)
         servers: list[dict[str, str]] = []
-        if snippets:
+        if snippets or edited:
             for item in items:
                 if item["kind"] == "server":
                     ref = {"kind": str(item.get("server_kind") or "apache"),

@@ -25,9 +25,9 @@ from typing import Any, Optional
 
 from certbot_batch import _certbot, catalog, paths, run
 from certbot_batch.challenges import grouped
-from certbot_batch.challenges.apache import ApacheChallengeProvisioner
 from certbot_batch.challenges.batch import ChallengeBatch
 from certbot_batch.challenges.journal import Journal
+from certbot_batch.challenges.nginx import NginxChallengeProvisioner
 from certbot_batch.run import LineageRecord, Run, Scope, Wave
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ def run_wave(session: Run, index: int, records: list[LineageRecord]) -> WaveRepo
     _certbot.find_plugins()  # fills the session's entry-point cache before the threads start
     journal = Journal(paths.journal_paths(session.config))
     names = [r.name for r in records]
-    batch = ChallengeBatch(names, ApacheChallengeProvisioner(journal))
+    # One provisioner for every kind of the wave (webroot files, Apache, nginx).
+    batch = ChallengeBatch(names, NginxChallengeProvisioner(journal))
     gate = OrderGate(names, session.stopping)
     done = threading.Condition()
     results: dict[str, Any] = {}

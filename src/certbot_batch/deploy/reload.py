@@ -52,6 +52,7 @@ CONFIGTEST_FAILED = "configtest-failed"
 RELOAD_FAILED = "reload-failed"  # the control program failed
 DOWN = "down"                    # the reload took the server down
 UNCONFIRMED = "unconfirmed"      # no new workers within the timeout
+REJECTED = "rejected"            # the master refused the new configuration (nginx), said why
 STALE = "not-serving"            # reloaded, still serving a previous certificate
 
 
@@ -88,6 +89,8 @@ class DeployRun:
     targets: dict[str, Target] = dataclasses.field(default_factory=dict)
     #: reloads done during the run (batch-apache authenticator: serve the challenges)
     challenge_reloads: int = 0
+    #: what a server implementation reads once per run (nginx: its configuration walk)
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
 
     def target(self, ref: ServerRef) -> Target:
@@ -284,6 +287,9 @@ def deploy(server: Server, config_dir: Optional[str], lineages: Iterable[str], *
                      label)
         return Outcome(DOWN, f"{label} is DOWN after its reload (its master process "
                        "exited; see its error log)")
+    if state == "rejected":
+        return Outcome(REJECTED, f"{label} rejected the reload and keeps serving its previous "
+                       f"configuration: {server.rejection()}")
     if state == "unconfirmed":
         return Outcome(UNCONFIRMED, f"{label} was reloaded but did not start new workers "
                        f"within {timeout:.0f} s; the next run checks again")

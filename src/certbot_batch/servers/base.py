@@ -107,6 +107,12 @@ class Server(abc.ABC):
     def endpoints(self) -> dict[str, list[Endpoint]]:
         """Certificate file -> where the configuration serves it."""
 
+    def rejection(self) -> Optional[str]:
+        """After a reload: why the server refused the new configuration while its master
+        kept running with the old one (nginx logs it and keeps its old workers), or None.
+        Apache's master exits instead (the confirmation sees it as "down")."""
+        return None
+
     # -- processes -----------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         master = _alive_pid(self.pid_file())
@@ -115,7 +121,8 @@ class Server(abc.ABC):
     def confirm(self, before: Snapshot, timeout: float,
                 clock: Callable[[], float] = time.monotonic) -> str:
         """After a reload: "reloaded" (a new generation of workers runs under a live
-        master), "down" (the master is gone), "unconfirmed" (still the old workers when
+        master), "down" (the master is gone), "rejected" (the master kept its old workers
+        and said why: :meth:`rejection`), "unconfirmed" (still the old workers when
         ``timeout`` ran out) or "unverifiable" (no pid file to watch)."""
         deadline = clock() + timeout
         pid_file = self.pid_file()
@@ -131,6 +138,9 @@ class Server(abc.ABC):
                     return "reloaded"
             elif before.master is not None and not pid_alive(before.master):
                 return "down"
+            if master is not None and master == before.master and \
+                    self.rejection() is not None:
+                return "rejected"
             if clock() >= deadline:
                 return "unconfirmed" if master is not None else "down"
             time.sleep(POLL)
