@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from cryptography import x509
 
-from certbot_batch import links
+from certbot_batch import links, retry
 from certbot_batch.scan import ari, ratelimit
 from certbot_batch.scan import ocsp as ocsp
 from certbot_batch.scan.state import LineageState, StateDB
@@ -32,8 +32,9 @@ from certbot_batch.scan.state import LineageState, StateDB
 logger = logging.getLogger(__name__)
 
 UTC = datetime.timezone.utc
-DEFAULT_RETRY = 6 * 3600.0
-MAX_BACKOFF = 6 * 3600.0
+#: A CA without ARI is asked again after this long (retry.py holds every retry number).
+DEFAULT_RETRY = retry.NO_ARI_RECHECK
+MAX_BACKOFF = retry.CHECK_BACKOFF.high
 # A certificate this close to expiry renews whatever ARI says (a CA's window can be wrong).
 EXPIRY_SAFETY = 24 * 3600.0
 
@@ -59,6 +60,8 @@ class ScanReport:
     ari_requests: int = 0
     ocsp_requests: int = 0
     elapsed: float = 0.0
+    #: lineage -> a bug of certbot-batch met while checking it (also in ``broken``)
+    internal_errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def by_name(self) -> dict[str, LineageState]:
         index: Optional[dict[str, LineageState]] = self.__dict__.get("_by_name")
@@ -263,7 +266,6 @@ class Scanner:
                                         timeout=(min(5.0, settings.timeout), settings.timeout),
                                         rate_limiter=self.limiter,
                                         user_agent=settings.user_agent)
-        self._local = threading.local()
         self.rng = settings.rng or random.Random()
         self._counts = {"ari": 0, "ocsp": 0}
         self._count_lock = threading.Lock()
@@ -280,12 +282,9 @@ class Scanner:
         return sess
 
     def _session(self) -> Any:
-        sess = getattr(self._local, "session", None)
-        if sess is None:
-            sess = self._new_session()
-            sess.headers["User-Agent"] = self.settings.user_agent
-            self._local.session = sess
-        return sess
+        """The calling worker thread's session (the ARI client's pool: one per thread, for
+        ARI and OCSP alike)."""
+        return self.ari_client.session()
 
     def _check(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> _NetResult:
         res = _NetResult(state.name)
@@ -302,10 +301,8 @@ class Scanner:
                 self._counts["ari"] += 1
             try:
                 res.ari = self.ari_client.fetch(state.server, cert)
-            except ari.AriError as exc:
+            except ari.AriError as exc:  # every failure the ARI client knows of
                 res.ari_error = exc
-            except Exception as exc:  # noqa: BLE001  (ARI must never crash the scan)
-                res.ari_error = ari.AriError("connection", f"ARI check failed: {exc}")
         if want_ocsp and res.ari is None and state.ocsp_url:
             try:
                 issuer = self._issuer(state)
@@ -316,7 +313,7 @@ class Scanner:
                                       rate_limiter=self.limiter)
             except ocsp.OcspError as exc:
                 res.ocsp_error = exc
-            except Exception as exc:  # noqa: BLE001
+            except (OSError, ValueError) as exc:  # the chain file: unreadable, not PEM
                 res.ocsp_error = exc
         return res
 
@@ -349,11 +346,8 @@ class Scanner:
             else:
                 state.failures += 1
                 state.last_error = f"ARI: {err}"
-                backoff = min(MAX_BACKOFF, 60.0 * (2 ** min(state.failures - 1, 12)))
-                retry_after = getattr(err, "retry_after", None)
-                if retry_after:
-                    backoff = max(backoff, float(retry_after))
-                state.next_check = now + backoff * (0.9 + 0.2 * self.rng.random())
+                state.next_check = now + retry.check_backoff(
+                    state.failures, getattr(err, "retry_after", None), self.rng)
                 if kind == "bad_window":
                     state.window_start = state.window_end = state.chosen_time = None
         if res.ocsp is not None:
@@ -365,7 +359,7 @@ class Scanner:
                 state.last_error = None
         elif res.ocsp_error is not None:
             state.ocsp_status = None
-            state.ocsp_next = now + 3600
+            state.ocsp_next = now + retry.OCSP_FAILURE_RECHECK
             if res.ari_error is None or getattr(res.ari_error, "kind", "") == "no_ari":
                 state.failures += 1  # one failed check per scan, even if ARI failed too
             msg = f"OCSP: {res.ocsp_error}"
@@ -378,6 +372,7 @@ class Scanner:
         known = self.db.load_all()
         states: list[LineageState] = []
         broken: dict[str, str] = {}
+        internal: dict[str, str] = {}
         # Network checks start while the remaining confs are still being read: the reading
         # is CPU work in this thread, the checks mostly wait for the CA.
         net = _NetworkRun(self, now)
@@ -391,6 +386,9 @@ class Scanner:
                 net.abort()
                 raise
             net.finish()
+        for name, msg in net.internal_errors.items():
+            broken[name] = msg
+            internal[name] = msg
         for state in states:
             if state.name in broken:
                 continue
@@ -401,7 +399,8 @@ class Scanner:
             if full:
                 self.db.delete_missing({s.name for s in states})
         return ScanReport(states=states, broken=broken, ari_requests=self._counts["ari"],
-                          ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0)
+                          ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0,
+                          internal_errors=internal)
 
     def _read_one(self, path: str, known: dict[str, LineageState], now: float,
                   states: list[LineageState], broken: dict[str, str]
@@ -495,6 +494,8 @@ class _NetworkRun:
         self.now = now
         self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.futures: dict[concurrent.futures.Future[_NetResult], LineageState] = {}
+        #: lineage -> the bug that made its check fail (never a decision of ours)
+        self.internal_errors: dict[str, str] = {}
 
     def submit(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> None:
         if self.pool is None:
@@ -521,10 +522,18 @@ class _NetworkRun:
                 state = self.futures[fut]
                 try:
                     scanner._apply(state, fut.result(), now)
-                except Exception as exc:  # noqa: BLE001  (one lineage never stops the scan)
-                    state.failures += 1
-                    state.last_error = f"status check failed: {exc}"
-                    state.next_check = now + 300
+                except Exception as exc:  # noqa: BLE001  (a bug: see below)
+                    # Every failure the checks expect is a result (AriError, OcspError, an
+                    # unreadable file); what is left is a bug of ours. It must not become a
+                    # decision: the traceback goes to the log, and the lineage is handed to
+                    # certbot's own loop as an unreadable one (certbot decides for it, as
+                    # stock), and the run's exit status says so.
+                    logger.error("certbot-batch: internal error while checking lineage %s; "
+                                 "certbot decides for it itself", state.name, exc_info=True)
+                    msg = f"certbot-batch internal error: {type(exc).__name__}: {exc}"
+                    self.internal_errors[state.name] = msg
+                    state.last_error = msg
+                    state.due, state.reason = True, "internal error: certbot decides"
                 done += 1
                 if progress and time.monotonic() - last_progress > 1.0:
                     last_progress = time.monotonic()
