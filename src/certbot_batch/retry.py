@@ -33,6 +33,7 @@ __all__ = [
     "LINEAGE_JITTER",
     "NO_ARI_RECHECK",
     "OCSP_FAILURE_RECHECK",
+    "OCSP_GOOD_MAX",
     "UNAVAILABLE_START",
     "Bounds",
     "exponential",
@@ -72,6 +73,10 @@ CHECK_JITTER = 0.1
 NO_ARI_RECHECK = 6 * 3600.0
 #: An OCSP check that failed: ask again after this long.
 OCSP_FAILURE_RECHECK = 3600.0
+#: The longest an OCSP "good" is believed by a timer run (also when nextUpdate is later:
+#: responders say up to 7 days, certbot asks on every run): a revocation is seen within 6 h,
+#: the Retry-After of an ARI answer (Let's Encrypt), so both checks age alike.
+OCSP_GOOD_MAX = 6 * 3600.0
 
 #: A whole CA (or OCSP responder) answering 503/429: without Retry-After the back-off starts
 #: at 1 min and doubles per further refusal; every back-off of the shared limiter is clamped

@@ -15,7 +15,6 @@ import datetime
 import logging
 import os
 import random
-import re
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 from cryptography import x509
 
 from certbot_batch import links, retry
-from certbot_batch.scan import ari, ratelimit
+from certbot_batch.scan import ari, ratelimit, schedule
 from certbot_batch.scan import ocsp as ocsp
 from certbot_batch.scan.state import LineageState, StateDB
 
@@ -35,8 +34,9 @@ UTC = datetime.timezone.utc
 #: A CA without ARI is asked again after this long (retry.py holds every retry number).
 DEFAULT_RETRY = retry.NO_ARI_RECHECK
 MAX_BACKOFF = retry.CHECK_BACKOFF.high
-# A certificate this close to expiry renews whatever ARI says (a CA's window can be wrong).
-EXPIRY_SAFETY = 24 * 3600.0
+# A certificate this close to expiry renews whatever ARI says (a CA's window can be wrong):
+# at most this long, a tenth of the lifetime for short certificates (schedule.py).
+EXPIRY_SAFETY = schedule.SAFETY_MAX
 
 
 @dataclasses.dataclass
@@ -51,6 +51,17 @@ class ScanSettings:
     rng: Optional[random.Random] = None
     #: False: certbot's --no-verify-ssl (ARI and OCSP requests do not check TLS certificates)
     verify_ssl: bool = True
+    #: seconds between two timer runs (--batch-run-interval); None: learned from the runs
+    #: recorded in the state database (schedule.py)
+    run_interval: Optional[float] = None
+    #: a person at a terminal: ARI and OCSP are asked afresh for every lineage (a revocation
+    #: the CA announced is seen at once), unless ``cached_status`` (--batch-cached-status)
+    interactive: bool = False
+    cached_status: bool = False
+
+    @property
+    def fresh(self) -> bool:
+        return self.interactive and not self.cached_status
 
 
 @dataclasses.dataclass
@@ -62,6 +73,12 @@ class ScanReport:
     elapsed: float = 0.0
     #: lineage -> a bug of certbot-batch met while checking it (also in ``broken``)
     internal_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: seconds to the next expected run (schedule.py), None when unknown
+    interval: Optional[float] = None
+    #: where the interval comes from: "--batch-run-interval", "learned" or "unknown"
+    interval_source: str = "unknown"
+    #: this run's row in the state database's runs table
+    run_id: Optional[int] = None
 
     def by_name(self) -> dict[str, LineageState]:
         index: Optional[dict[str, LineageState]] = self.__dict__.get("_by_name")
@@ -92,29 +109,10 @@ def _cert_time(cert: x509.Certificate, attr: str) -> float:
     return _ts(value)
 
 
-def fmt_time(ts: Optional[float]) -> str:
-    if ts is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+fmt_time = schedule.fmt_time
 
 
-_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-_UNITS = {"": 86400, "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-          "h": 3600, "hour": 3600, "d": 86400, "day": 86400, "w": 604800, "week": 604800,
-          "month": 30 * 86400, "mon": 30 * 86400, "y": 365 * 86400, "year": 365 * 86400}
-
-
-def parse_interval(text: str) -> Optional[float]:
-    """certbot's renew_before_expiry ("30 days", "2 weeks", "12 hours"), in seconds."""
-    m = _INTERVAL.match(text)
-    if not m:
-        return None
-    unit = m.group(2).lower()
-    if unit.endswith("s") and unit[:-1] in _UNITS:
-        unit = unit[:-1]
-    if unit not in _UNITS:
-        return None
-    return float(m.group(1)) * _UNITS[unit]
+parse_interval = schedule.parse_interval
 
 
 def _conf_value(conf: Any, key: str) -> Optional[str]:
@@ -199,48 +197,31 @@ def _cert_sig(path: str) -> str:
 
 
 def default_renewal_time(state: LineageState) -> Optional[float]:
-    """certbot's default: 2/3 of the lifetime, or 1/2 for certs living under 10 days."""
-    if state.not_before is None or state.not_after is None:
-        return None
-    lifetime = state.not_after - state.not_before
-    if lifetime < 10 * 86400:
-        return state.not_before + lifetime / 2
-    return state.not_before + lifetime * 2 / 3
+    """certbot 4.x's default: 1/3 of the lifetime left, 1/2 for certs living under 10 days."""
+    return schedule.default_renewal_time(state.not_before, state.not_after)
 
 
-def decide(state: LineageState, now: float, settings: ScanSettings) -> tuple[bool, str]:
-    """certbot's should_renew, on stored facts. Returns (due, reason)."""
+def decide(state: LineageState, now: float, settings: ScanSettings,
+           interval: Optional[float] = None) -> tuple[bool, str]:
+    """certbot's should_renew on stored facts, scheduled for timer runs (schedule.py):
+    ``interval`` is the time to the next expected run. Returns (due, reason) and sets the
+    state's ``renew_at`` / ``renew_why``."""
     if settings.force:
+        state.renew_at, state.renew_why = now, "forced (--force-renewal)"
         return True, "forced (--force-renewal)"
     if settings.dry_run:
+        state.renew_at, state.renew_why = now, "dry run"
         return True, "dry run"
     if not state.autorenew:
+        state.renew_at, state.renew_why = None, "autorenew is disabled"
         return False, "autorenew is disabled in the renewal conf"
-    if state.not_after is None:
-        return True, "certificate unreadable"
-    if state.not_after - now <= EXPIRY_SAFETY:
-        return True, f"expires {fmt_time(state.not_after)}"
-    if state.chosen_time is not None and now >= state.chosen_time:
-        return True, (f"ARI: renewal time {fmt_time(state.chosen_time)} in window "
-                      f"{fmt_time(state.window_start)} .. {fmt_time(state.window_end)}")
-    if state.ocsp_status == "revoked":
-        return True, "revoked (OCSP)"
-    if state.renew_before_expiry:
-        interval = parse_interval(state.renew_before_expiry)
-        if interval is not None:
-            if state.not_after - interval < now:
-                return True, f"less than {state.renew_before_expiry} before expiry"
-            return False, (f"not due until {fmt_time(state.not_after - interval)} "
-                           f"(renew_before_expiry = {state.renew_before_expiry})")
-        logger.warning("Lineage %s: renew_before_expiry = %r is not an interval certbot-batch "
-                       "understands (e.g. '30 days'); using the default rule.",
-                       state.name, state.renew_before_expiry)
-    if state.chosen_time is None:
-        default = default_renewal_time(state)
-        if default is not None and now > default:
-            return True, "less than 1/3 of its lifetime left"
-        return False, f"not due until {fmt_time(default)} (default rule)"
-    return False, f"not due until {fmt_time(state.chosen_time)} (ARI)"
+    d = schedule.decide(now=now, not_before=state.not_before, not_after=state.not_after,
+                        window_start=state.window_start, window_end=state.window_end,
+                        chosen_time=state.chosen_time, ocsp_status=state.ocsp_status,
+                        renew_before_expiry=state.renew_before_expiry, interval=interval,
+                        name=state.name, warn=logger.warning)
+    state.renew_at, state.renew_why = d.renew_at, d.because
+    return d.due, d.reason
 
 
 class _NetResult:
@@ -286,7 +267,9 @@ class Scanner:
         ARI and OCSP alike)."""
         return self.ari_client.session()
 
-    def _check(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> _NetResult:
+    def _check(self, state: LineageState, want_ari: bool, want_ocsp: str) -> _NetResult:
+        """ARI and/or OCSP for one lineage, in a worker thread. ``want_ocsp``: "" (no),
+        "fallback" (only when ARI gave no answer) or "always"."""
         res = _NetResult(state.name)
         cert: Optional[x509.Certificate] = None
         try:
@@ -303,7 +286,8 @@ class Scanner:
                 res.ari = self.ari_client.fetch(state.server, cert)
             except ari.AriError as exc:  # every failure the ARI client knows of
                 res.ari_error = exc
-        if want_ocsp and res.ari is None and state.ocsp_url:
+        if state.ocsp_url and (want_ocsp == "always"
+                               or (want_ocsp == "fallback" and res.ari is None)):
             try:
                 issuer = self._issuer(state)
                 with self._count_lock:
@@ -353,7 +337,9 @@ class Scanner:
         if res.ocsp is not None:
             state.ocsp_status = res.ocsp.status
             nxt = getattr(res.ocsp, "next_update", None)
-            horizon = now + 12 * 3600
+            # Kept until its nextUpdate, but never longer than the stated bound: a revocation
+            # the responder announces is seen within it (retry.OCSP_GOOD_MAX).
+            horizon = now + retry.OCSP_GOOD_MAX
             state.ocsp_next = min(_ts(nxt), horizon) if nxt is not None else horizon
             if state.last_error and state.last_error.startswith("OCSP"):
                 state.last_error = None
@@ -389,22 +375,38 @@ class Scanner:
         for name, msg in net.internal_errors.items():
             broken[name] = msg
             internal[name] = msg
+        interval, source = self._interval(now, timer=full and not self.settings.interactive)
         for state in states:
             if state.name in broken:
                 continue
-            state.due, state.reason = decide(state, now, self.settings)
+            state.due, state.reason = decide(state, now, self.settings, interval)
             state.last_scan = now
+        run_id = None
         if not self.settings.dry_run:  # a dry run leaves the stored state as it was
             self.db.save(states)
             if full:
                 self.db.delete_missing({s.name for s in states})
+            trigger = "cert-name" if not full else (
+                "interactive" if self.settings.interactive else "timer")
+            run_id = self.db.record_run(now, trigger, len(states),
+                                        sum(1 for s in states if s.due))
         return ScanReport(states=states, broken=broken, ari_requests=self._counts["ari"],
                           ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0,
-                          internal_errors=internal)
+                          internal_errors=internal, interval=interval,
+                          interval_source=source, run_id=run_id)
+
+    def _interval(self, now: float, timer: bool) -> tuple[Optional[float], str]:
+        """Seconds to the next expected run, and where that comes from (this run counts when
+        a timer started it)."""
+        if self.settings.run_interval:
+            return float(self.settings.run_interval), "--batch-run-interval"
+        starts = self.db.run_starts("timer") + ([now] if timer else [])
+        learned = schedule.learned_interval(starts)
+        return (learned, "learned from the recent runs") if learned else (None, "unknown")
 
     def _read_one(self, path: str, known: dict[str, LineageState], now: float,
                   states: list[LineageState], broken: dict[str, str]
-                  ) -> Optional[tuple[LineageState, bool, bool]]:
+                  ) -> Optional[tuple[LineageState, bool, str]]:
         """Refresh one lineage's conf/cert facts; (state, want_ari, want_ocsp) when the CA
         must be asked about it."""
         name = os.path.basename(path)[:-len(".conf")]
@@ -442,10 +444,18 @@ class Scanner:
             return None
         if self.settings.force or self.settings.dry_run or not state.autorenew:
             return None
+        fresh = self.settings.fresh
         want_ari = bool(state.server and state.ari_cert_id) and (
-            state.next_check is None or state.next_check <= now)
-        want_ocsp = bool(state.ocsp_url) and state.window_start is None and (
-            state.ocsp_next is None or state.ocsp_next <= now)
+            fresh or state.next_check is None or state.next_check <= now)
+        want_ocsp = ""
+        if state.ocsp_url:
+            stale = state.ocsp_next is None or state.ocsp_next <= now
+            if fresh or (stale and state.ocsp_status is not None):
+                # A person at a terminal asks afresh; a stored answer older than the bound is
+                # asked again even when an ARI window is known.
+                want_ocsp = "always"
+            elif stale and state.window_start is None:
+                want_ocsp = "fallback"
         if want_ari or want_ocsp:
             return state, want_ari, want_ocsp
         return None
@@ -497,7 +507,7 @@ class _NetworkRun:
         #: lineage -> the bug that made its check fail (never a decision of ours)
         self.internal_errors: dict[str, str] = {}
 
-    def submit(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> None:
+    def submit(self, state: LineageState, want_ari: bool, want_ocsp: str) -> None:
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=max(1, self.scanner.settings.workers),

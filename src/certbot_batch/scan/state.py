@@ -57,6 +57,9 @@ class LineageState:
     # Outcome of the last scan.
     due: bool = False
     reason: str = ""
+    #: when a run renews it (schedule.py), and the rule that says so, in a few words
+    renew_at: Optional[float] = None
+    renew_why: Optional[str] = None
     last_scan: Optional[float] = None
     last_renewed: Optional[float] = None
     # Renewal attempts that failed (validation, order, finalization), for the backoff.
@@ -86,20 +89,27 @@ _ROW = operator.attrgetter(*_FIELDS)
 _BOOL_INDEXES = tuple(i for i, f in enumerate(_FIELDS) if f in _BOOL_FIELDS)
 
 
+def _column(name: str) -> str:
+    if name == "name":
+        return "name TEXT PRIMARY KEY"
+    if name in _BOOL_FIELDS or name in ("failures", "renew_failures"):
+        return f"{name} INTEGER"
+    if name in ("not_before", "not_after", "window_start", "window_end", "chosen_time",
+                "next_check", "ocsp_next", "last_scan", "last_renewed", "renew_failing_since",
+                "renew_next_attempt", "renew_at"):
+        return f"{name} REAL"
+    return f"{name} TEXT"
+
+
 def _ddl() -> str:
-    cols = []
-    for f in dataclasses.fields(LineageState):
-        if f.name == "name":
-            cols.append("name TEXT PRIMARY KEY")
-        elif f.name in _BOOL_FIELDS or f.name in ("failures", "renew_failures"):
-            cols.append(f"{f.name} INTEGER")
-        elif f.name in ("not_before", "not_after", "window_start", "window_end",
-                        "chosen_time", "next_check", "ocsp_next", "last_scan", "last_renewed",
-                        "renew_failing_since", "renew_next_attempt"):
-            cols.append(f"{f.name} REAL")
-        else:
-            cols.append(f"{f.name} TEXT")
-    return f"CREATE TABLE IF NOT EXISTS lineage ({', '.join(cols)})"
+    return f"CREATE TABLE IF NOT EXISTS lineage ({', '.join(_column(f) for f in _FIELDS)})"
+
+
+#: The runs of the renewal engine (the cadence of timer runs is learned from them).
+RUNS_DDL = ("CREATE TABLE IF NOT EXISTS runs (started REAL NOT NULL, trigger TEXT NOT NULL, "
+            "lineages INTEGER, due INTEGER, renewed INTEGER)")
+#: Runs kept (the cadence needs a dozen; the rest is history for people).
+RUNS_KEPT = 500
 
 
 def _kind(exc: BaseException) -> str:
@@ -184,9 +194,11 @@ class StateDB:
             conn.execute("DROP TABLE IF EXISTS lineage")
         conn.execute(_ddl())
         cols = {r[1] for r in conn.execute("PRAGMA table_info(lineage)")}
-        if set(_FIELDS) - cols:
-            conn.execute("DROP TABLE lineage")
-            conn.execute(_ddl())
+        for name in _FIELDS:
+            # A column a newer release added: added in place, the cached state is kept.
+            if name not in cols:
+                conn.execute(f"ALTER TABLE lineage ADD COLUMN {_column(name)}")
+        conn.execute(RUNS_DDL)
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         row = conn.execute("PRAGMA quick_check").fetchone()
         if row is None or row[0] != "ok":
@@ -276,6 +288,46 @@ class StateDB:
         gone = [(n,) for n in names if n not in present]
         if gone:
             self._write("DELETE FROM lineage WHERE name=?", gone)
+
+    # -- runs ----------------------------------------------------------------------------
+    def record_run(self, started: float, trigger: str, lineages: int,
+                   due: int) -> Optional[int]:
+        """Note that a run started (its scan is done); returns its id for :meth:`finish_run`."""
+        try:
+            with self.conn:
+                cur = self.conn.execute(
+                    "INSERT INTO runs (started, trigger, lineages, due) VALUES (?, ?, ?, ?)",
+                    (started, trigger, lineages, due))
+                self.conn.execute(
+                    "DELETE FROM runs WHERE rowid <= (SELECT MAX(rowid) FROM runs) - ?",
+                    (RUNS_KEPT,))
+                return cur.lastrowid
+        except sqlite3.Error as exc:
+            self._write_failed(exc)
+            return None
+
+    def finish_run(self, run_id: Optional[int], renewed: int) -> None:
+        if run_id is not None:
+            self._write("UPDATE runs SET renewed=? WHERE rowid=?", [(renewed, run_id)])
+
+    def run_starts(self, trigger: str, limit: int = 50) -> list[float]:
+        """Start times of the most recent runs of that trigger, oldest first."""
+        try:
+            rows = self.conn.execute(
+                "SELECT started FROM runs WHERE trigger=? ORDER BY rowid DESC LIMIT ?",
+                (trigger, limit)).fetchall()
+        except sqlite3.Error:
+            return []  # an old read-only database without the table: no cadence known
+        return sorted(float(r[0]) for r in rows)
+
+    def recent_runs(self, limit: int = 20) -> list[tuple[float, str, int, int, Optional[int]]]:
+        try:
+            rows = self.conn.execute(
+                "SELECT started, trigger, lineages, due, renewed FROM runs "
+                "ORDER BY rowid DESC LIMIT ?", (limit,)).fetchall()
+        except sqlite3.Error:
+            return []
+        return [(float(a), str(b), int(c or 0), int(d or 0), e) for a, b, c, d, e in rows]
 
     def mark_renewed(self, name: str, when: float, issued_by: Optional[str] = None) -> None:
         """A renewal succeeded: the cert facts are re-read next time, the backoff ends."""
