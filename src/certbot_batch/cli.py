@@ -16,8 +16,8 @@ from certbot_batch import __version__, paths
 from certbot_batch.ca import ledger
 from certbot_batch.deploy import pending
 from certbot_batch.scan import schedule
-from certbot_batch.scan.engine import fmt_time
-from certbot_batch.scan.state import LineageState, StateDB
+from certbot_batch.scan.engine import ScanSettings, fmt_time, plan
+from certbot_batch.scan.state import LineageState, RunRecord, StateDB
 from certbot_batch.servers import server_for
 
 EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
@@ -111,7 +111,8 @@ def _attention(state: Optional[LineageState], now: float) -> Optional[str]:
     return None
 
 
-def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]:
+def _row(name: str, state: Optional[LineageState], now: float,
+         interval: Optional[float] = None) -> dict[str, Any]:
     if state is None:
         return {"lineage": name, "names": [], "not_after": None, "ari_window": None,
                 "chosen_time": None, "due": None, "reason": "not scanned yet",
@@ -120,6 +121,8 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
                 "renew_attempts": 0, "renew_failing_since": None, "renew_last_error": None,
                 "renew_next_attempt": None, "issued_by": None,
                 "attention": "not scanned yet"}
+    # As the next run decides it, on what the last scan stored, with the cadence it used.
+    decision = plan(state, now, ScanSettings(), interval)
     return {
         "lineage": name,
         "names": state.names.split(),
@@ -131,8 +134,8 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
         "due": state.due,
         "reason": state.reason,
         # When a run renews it and why (scan/schedule.py): the rule, in a few words.
-        "renew_at": fmt_time(state.renew_at) if state.renew_at is not None else None,
-        "because": _because(state),
+        "renew_at": fmt_time(decision.renew_at) if decision.renew_at is not None else None,
+        "because": _because(state, decision),
         "next_check": fmt_time(state.next_check) if state.next_check else None,
         "ocsp_status": state.ocsp_status,
         "failures": state.failures,
@@ -149,24 +152,23 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
     }
 
 
-def _because(state: LineageState) -> str:
-    why = state.renew_why or state.reason or "-"
+def _because(state: LineageState, decision: schedule.Decision) -> str:
+    why = decision.because or state.reason or "-"
     if state.renew_next_attempt and state.due:
         # Due, but waiting out the backoff of its failed renewals.
         return f"{why}; backing off until {fmt_time(state.renew_next_attempt)}"
     return why
 
 
-def _runs_json(runs: list[tuple[float, str, int, int, Optional[int]]],
-               cadence: Optional[float]) -> dict[str, Any]:
+def _runs_json(runs: list[RunRecord], cadence: Optional[float]) -> dict[str, Any]:
     return {"cadence_seconds": cadence,
-            "recent": [{"started": fmt_time(t), "trigger": trigger, "lineages": n, "due": due,
-                        "renewed": renewed} for t, trigger, n, due, renewed in runs]}
+            "recent": [{"started": fmt_time(r.started), "trigger": r.trigger,
+                        "lineages": r.lineages, "due": r.due, "renewed": r.renewed,
+                        "next_run_expected_in": r.interval} for r in runs]}
 
 
-def _runs_line(runs: list[tuple[float, str, int, int, Optional[int]]],
-               cadence: Optional[float]) -> str:
-    started, trigger, _, due, renewed = runs[0]
+def _runs_line(runs: list[RunRecord], cadence: Optional[float]) -> str:
+    started, trigger, _, due, renewed, _ = runs[0]
     line = (f"Last run: {fmt_time(started)} ({trigger}), {due} due, "
             f"{'?' if renewed is None else renewed} renewed. ")
     if cadence:
@@ -320,7 +322,7 @@ def status(args: argparse.Namespace) -> int:
     if args.cert_name:
         names = [n for n in names if n in args.cert_name]
     states: dict[str, LineageState] = {}
-    runs: list[tuple[float, str, int, int, Optional[int]]] = []
+    runs: list[RunRecord] = []
     cadence: Optional[float] = None
     if os.path.exists(db_path):
         try:
@@ -344,7 +346,9 @@ def status(args: argparse.Namespace) -> int:
         print(f"certbot-batch: cannot read the journal of DNS records ({exc})", file=sys.stderr)
         return EXIT_ERROR
     now = time.time()
-    rows = [_row(n, states.get(n), now) for n in names]
+    # The cadence the last run used (--batch-run-interval or learned), else the learned one.
+    interval = next((r.interval for r in runs if r.interval), None) or cadence
+    rows = [_row(n, states.get(n), now, interval) for n in names]
     record = pending.PendingDeployments(dirs)
     servers = record.servers() if record.exists() else []
     hooks = record.hooks() if record.exists() else []

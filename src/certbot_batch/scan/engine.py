@@ -26,7 +26,7 @@ from cryptography import x509
 from certbot_batch import links, retry
 from certbot_batch.scan import ari, ratelimit, schedule
 from certbot_batch.scan import ocsp as ocsp
-from certbot_batch.scan.state import LineageState, StateDB
+from certbot_batch.scan.state import LineageState, StateDB, link_path, link_paths
 
 logger = logging.getLogger(__name__)
 
@@ -201,26 +201,28 @@ def default_renewal_time(state: LineageState) -> Optional[float]:
     return schedule.default_renewal_time(state.not_before, state.not_after)
 
 
+def plan(state: LineageState, now: float, settings: ScanSettings,
+         interval: Optional[float] = None) -> schedule.Decision:
+    """certbot's should_renew on stored facts, scheduled for timer runs (schedule.py):
+    ``interval`` is the time to the next expected run."""
+    if settings.force:
+        return schedule.Decision(True, now, "forced (--force-renewal)", "--force-renewal")
+    if settings.dry_run:
+        return schedule.Decision(True, now, "dry run", "dry run")
+    if not state.autorenew:
+        return schedule.Decision(False, None, "autorenew is disabled in the renewal conf",
+                                 "autorenew is disabled")
+    return schedule.decide(now=now, not_before=state.not_before, not_after=state.not_after,
+                           window_start=state.window_start, window_end=state.window_end,
+                           chosen_time=state.chosen_time, ocsp_status=state.ocsp_status,
+                           renew_before_expiry=state.renew_before_expiry, interval=interval,
+                           name=state.name, warn=logger.warning)
+
+
 def decide(state: LineageState, now: float, settings: ScanSettings,
            interval: Optional[float] = None) -> tuple[bool, str]:
-    """certbot's should_renew on stored facts, scheduled for timer runs (schedule.py):
-    ``interval`` is the time to the next expected run. Returns (due, reason) and sets the
-    state's ``renew_at`` / ``renew_why``."""
-    if settings.force:
-        state.renew_at, state.renew_why = now, "forced (--force-renewal)"
-        return True, "forced (--force-renewal)"
-    if settings.dry_run:
-        state.renew_at, state.renew_why = now, "dry run"
-        return True, "dry run"
-    if not state.autorenew:
-        state.renew_at, state.renew_why = None, "autorenew is disabled"
-        return False, "autorenew is disabled in the renewal conf"
-    d = schedule.decide(now=now, not_before=state.not_before, not_after=state.not_after,
-                        window_start=state.window_start, window_end=state.window_end,
-                        chosen_time=state.chosen_time, ocsp_status=state.ocsp_status,
-                        renew_before_expiry=state.renew_before_expiry, interval=interval,
-                        name=state.name, warn=logger.warning)
-    state.renew_at, state.renew_why = d.renew_at, d.because
+    """(due, reason) of :func:`plan`."""
+    d = plan(state, now, settings, interval)
     return d.due, d.reason
 
 
@@ -302,10 +304,11 @@ class Scanner:
         return res
 
     def _issuer(self, state: LineageState) -> x509.Certificate:
-        if not state.chain_path:
+        chain = link_path(state, "chain")
+        if not chain:
             raise ocsp.OcspError("malformed", f"lineage {state.name} has no chain file, so "
                                  "its OCSP response cannot be verified")
-        with open(state.chain_path, "rb") as fh:
+        with open(chain, "rb") as fh:
             return x509.load_pem_x509_certificate(fh.read())
 
     # -- applying results, in the main thread --------------------------------------------
@@ -355,12 +358,15 @@ class Scanner:
     def scan(self, conf_files: list[str], full: bool = True) -> ScanReport:
         t0 = time.monotonic()
         now = self.clock()
-        known = self.db.load_all()
+        known = self.db.load_all(for_scan=True)
         states: list[LineageState] = []
         broken: dict[str, str] = {}
         internal: dict[str, str] = {}
         # Network checks start while the remaining confs are still being read: the reading
         # is CPU work in this thread, the checks mostly wait for the CA.
+        #: lineages whose stored row must be rewritten (a warm run rewrites only those)
+        dirty: set[str] = set()
+        self._dirty = dirty
         net = _NetworkRun(self, now)
         with _quiet_unverified(not self.settings.verify_ssl):
             try:
@@ -372,24 +378,30 @@ class Scanner:
                 net.abort()
                 raise
             net.finish()
+        dirty.update(state.name for state in net.futures.values())
         for name, msg in net.internal_errors.items():
             broken[name] = msg
             internal[name] = msg
         interval, source = self._interval(now, timer=full and not self.settings.interactive)
+        settings = self.settings
         for state in states:
             if state.name in broken:
                 continue
-            state.due, state.reason = decide(state, now, self.settings, interval)
+            due, reason = decide(state, now, settings, interval)
+            if due != state.due or reason != state.reason:
+                state.due, state.reason = due, reason
+                dirty.add(state.name)
             state.last_scan = now
         run_id = None
-        if not self.settings.dry_run:  # a dry run leaves the stored state as it was
-            self.db.save(states)
+        if not settings.dry_run:  # a dry run leaves the stored state as it was
+            self.db.save([s for s in states if s.name in dirty])
+            self.db.touch(now, None if full else [s.name for s in states])
             if full:
                 self.db.delete_missing({s.name for s in states})
             trigger = "cert-name" if not full else (
-                "interactive" if self.settings.interactive else "timer")
+                "interactive" if settings.interactive else "timer")
             run_id = self.db.record_run(now, trigger, len(states),
-                                        sum(1 for s in states if s.due))
+                                        sum(1 for s in states if s.due), interval)
         return ScanReport(states=states, broken=broken, ari_requests=self._counts["ari"],
                           ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0,
                           internal_errors=internal, interval=interval,
@@ -410,7 +422,10 @@ class Scanner:
         """Refresh one lineage's conf/cert facts; (state, want_ari, want_ocsp) when the CA
         must be asked about it."""
         name = os.path.basename(path)[:-len(".conf")]
-        state = known.get(name) or LineageState(name=name)
+        state = known.get(name)
+        if state is None:
+            state = LineageState(name=name)
+            self._dirty.add(name)
         state.conf_path = path
         states.append(state)
         try:
@@ -419,28 +434,39 @@ class Scanner:
             if conf_sig != state.conf_sig or not state.cert_path:
                 read_conf(state, path)
                 state.conf_sig = conf_sig
+                state.links_sig = ""
+                self._dirty.add(name)
             assert state.cert_path
-            # certbot's RenewableCert checks all four live/ links of a lineage on every run
-            # and calls the lineage broken when one does not resolve: so do we (a stat each).
-            for link in (state.cert_path, state.privkey_path, state.chain_path,
-                         state.fullchain_path):
-                if link and not os.path.exists(link):
-                    raise ValueError(f"{link}: No such file or directory (a broken live/ "
-                                     "link?)")
-            _repair_links(state)
+            if not _links_unchanged(state):
+                # certbot's RenewableCert checks all four live/ links of a lineage on every
+                # run and calls the lineage broken when one does not resolve: so do we, and
+                # repair links an interrupted save left on two versions. Then the
+                # directories holding the links and their targets are noted: until one of
+                # them changes (a link moved, a file added or removed), the links are as
+                # found now, and a warm run stats those directories instead.
+                for link in link_paths(state):
+                    if link and not os.path.exists(link):
+                        raise ValueError(f"{link}: No such file or directory (a broken live/ "
+                                         "link?)")
+                _repair_links(state)
+                state.links_sig = _links_sig(state)
+                self._dirty.add(name)
             cert_sig = _cert_sig(state.cert_path)
             if cert_sig != state.cert_sig or state.not_after is None:
                 state.reset_cert_facts()
                 read_cert(state)
                 state.cert_sig = cert_sig
+                self._dirty.add(name)
         except (OSError, ValueError, AssertionError) as exc:
             msg = str(exc) if not isinstance(exc, OSError) else \
                 f"{exc.strerror or exc}: {exc.filename or path}"
             broken[name] = msg
             state.conf_sig = ""  # re-read next time
             state.cert_sig = ""
+            state.links_sig = ""
             state.last_error = f"lineage {name}: {msg}"
             state.due, state.reason = True, "unreadable: certbot will report it"
+            self._dirty.add(name)
             return None
         if self.settings.force or self.settings.dry_run or not state.autorenew:
             return None
@@ -461,13 +487,62 @@ class Scanner:
         return None
 
 
+def _links_sig(state: LineageState) -> str:
+    """The directories holding the lineage's four links and the files they point at, each
+    with its inode and mtime: "DIR|INO:MTIME_NS" joined by newlines, DIR written "L" for the
+    directory of the cert link and "A" for certbot's archive directory of the lineage (most
+    lineages: "L|..." and "A|...", a few bytes per lineage in a warm run's memory)."""
+    dirs = set()
+    for link in link_paths(state):
+        if not link:
+            continue
+        dirs.add(os.path.dirname(link))
+        target = links._target(link)  # noqa: SLF001  (our own module)
+        if target is not None:
+            dirs.add(os.path.dirname(target))
+    live, archive = _standard_dirs(state)
+    parts = []
+    for d in sorted(dirs):
+        st = os.stat(d)
+        short = "L" if d == live else ("A" if d == archive else d)
+        parts.append(f"{short}|{st.st_ino}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def _standard_dirs(state: LineageState) -> tuple[str, str]:
+    """live/NAME (the cert link's directory) and certbot's archive/NAME next to it."""
+    live = os.path.dirname(state.cert_path or "")
+    return live, os.path.join(os.path.dirname(os.path.dirname(live)), "archive", state.name)
+
+
+def _links_unchanged(state: LineageState) -> bool:
+    """Is every directory of the stored :func:`_links_sig` as it was (one stat each)?"""
+    sig = state.links_sig
+    if not sig:
+        return False
+    standard: Optional[tuple[str, str]] = None
+    for part in sig.split("\n"):
+        path, _, stamp = part.rpartition("|")
+        if path in ("L", "A"):
+            standard = standard or _standard_dirs(state)
+            path = standard[0] if path == "L" else standard[1]
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if f"{st.st_ino}:{st.st_mtime_ns}" != stamp:
+            return False
+    return True
+
+
 def _repair_links(state: LineageState) -> None:
     """A lineage whose live/ links an interrupted save left on two versions is repaired
     here, as certbot's own renew would (its RenewableCert does it for every lineage it
     loads; the session loads only the due ones): before anything reloads a server."""
+    cert, privkey, chain, fullchain = link_paths(state)
     lineage = links.Lineage(state.name, {
-        "cert": str(state.cert_path), "privkey": str(state.privkey_path),
-        "chain": str(state.chain_path), "fullchain": str(state.fullchain_path)})
+        "cert": str(cert), "privkey": str(privkey), "chain": str(chain),
+        "fullchain": str(fullchain)})
     if links.quick_problem(lineage) is None:
         return
     outcome = links.ensure_consistent(lineage)
