@@ -511,3 +511,108 @@ def test_changed_certificate_invalidates_state(bed: Bed) -> None:
     assert state.serial == format(new_cert.serial_number, "x")
     assert not state.due  # the new cert's window (default policy) is in the future
     assert state.window_start is not None and state.window_start > t0 + 20 * 86400
+
+
+# -- revocation seen as soon as stock sees it (issue 19 item 5) ---------------------------
+
+def test_timer_run_keeps_ocsp_good_at_most_the_bound(bed: Bed) -> None:
+    """A CA without ARI: a timer run believes an OCSP "good" for 6 h at most
+    (retry.OCSP_GOOD_MAX), then asks again and sees the revocation."""
+    from certbot_batch import retry
+
+    bed.r.renewal_info = False
+    [name] = bed.add(1, "rev", ocsp_url=bed.r.ocsp_url)
+    t0 = time.time()
+    first = bed.scan(at(t0)).by_name()[name]
+    assert first.ocsp_status == "good" and not first.due
+    assert first.ocsp_next is not None and first.ocsp_next <= t0 + retry.OCSP_GOOD_MAX
+    bed.r.set_ocsp_status(bed.cert(name), "revoked")
+    bed.r.reset_counters()
+    within = bed.scan(at(t0 + retry.OCSP_GOOD_MAX - 60))
+    assert bed.r.ocsp_requests == 0 and not within.by_name()[name].due  # the stated bound
+    after = bed.scan(at(t0 + retry.OCSP_GOOD_MAX + 1))
+    assert bed.r.ocsp_requests == 1
+    state = after.by_name()[name]
+    assert state.due and "revoked" in state.reason
+
+
+def test_stale_ocsp_answer_is_asked_again_although_ari_knows_a_window(bed: Bed) -> None:
+    from certbot_batch import retry
+
+    bed.r.renewal_info = False
+    [name] = bed.add(1, "both", ocsp_url=bed.r.ocsp_url)
+    t0 = time.time()
+    assert bed.scan(at(t0)).by_name()[name].ocsp_status == "good"
+    # The CA starts offering ARI: the window is known from now on ...
+    bed.r.renewal_info = True
+    bed.r.set_window(bed.cert(name), 30 * DAY, 31 * DAY)
+    later = t0 + retry.OCSP_GOOD_MAX + 1
+    bed.r.reset_counters()
+    state = bed.scan(at(later)).by_name()[name]
+    # ... and the stored OCSP answer, older than the bound, is still renewed alongside.
+    assert state.window_start is not None
+    assert bed.r.ari_requests == 1 and bed.r.ocsp_requests == 1
+    bed.r.set_ocsp_status(bed.cert(name), "revoked")
+    state = bed.scan(at(later + retry.OCSP_GOOD_MAX + 1)).by_name()[name]
+    assert state.due and "revoked" in state.reason
+
+
+def test_interactive_run_asks_afresh(bed: Bed) -> None:
+    """A person at a terminal: OCSP for every certificate with an OCSP URL (a cached "good"
+    ignored) and ARI for every lineage, whatever the stored Retry-After says; the opt-out
+    (--batch-cached-status) uses the stored answers as a timer run does."""
+    revoked, moved, fine = bed.add(3, "tty", ocsp_url=bed.r.ocsp_url)
+    plain = bed.add(1, "plain")  # no OCSP URL: never asked OCSP
+    for name in (revoked, moved, fine, *plain):
+        bed.r.set_window(bed.cert(name), 30 * DAY, 31 * DAY)
+    t0 = time.time()
+    cold = bed.scan(at(t0))
+    assert cold.due == [] and bed.r.ocsp_requests == 0  # ARI answered: no OCSP yet
+    bed.r.set_ocsp_status(bed.cert(revoked), "revoked")
+    bed.r.set_window(bed.cert(moved), -2 * DAY, -1 * DAY)  # the CA revokes through ARI
+    bed.r.reset_counters()
+    timer = bed.scan(at(t0 + 60))
+    assert timer.due == [] and bed.r.ari_requests == 0 and bed.r.ocsp_requests == 0
+    cached = bed.scan(at(t0 + 120), interactive=True, cached_status=True)
+    assert cached.due == [] and bed.r.ari_requests == 0 and bed.r.ocsp_requests == 0
+    fresh = bed.scan(at(t0 + 180), interactive=True)
+    assert bed.r.ari_requests == 4 and fresh.ari_requests == 4
+    assert bed.r.ocsp_requests == 3 and fresh.ocsp_requests == 3  # every cert with a URL
+    states = fresh.by_name()
+    assert states[revoked].due and "revoked" in states[revoked].reason
+    assert states[moved].due and states[moved].reason.startswith("ARI")
+    assert not states[fine].due and not states[plain[0]].due
+    assert sorted(s.name for s in fresh.due) == sorted([revoked, moved])
+
+
+# -- RFC 9773 4.2: the next run, the lifetime rules ------------------------------------------
+
+def test_renewal_time_before_the_next_run_renews_now(bed: Bed) -> None:
+    """--batch-run-interval: a chosen time inside the window but before the next run is
+    renewed by this run; one after it waits; a window not open yet waits whatever."""
+    soon, later, unopened = bed.add(3, "sched")
+    t0 = time.time()
+    hour = datetime.timedelta(hours=1)
+    bed.r.set_window(bed.cert(soon), -hour, 1.5 * hour)      # open, chosen time < t0+2h
+    bed.r.set_window(bed.cert(later), 3 * hour, 5 * hour)    # chosen time after t0+2h
+    bed.r.set_window(bed.cert(unopened), hour, 1.5 * hour)   # before the next run, closed
+    states = bed.scan(at(t0), run_interval=2 * HOUR).by_name()
+    assert states[soon].due and states[soon].reason.startswith("ARI"), states[soon].reason
+    assert not states[later].due
+    assert not states[unopened].due  # never before its window opens
+    # The next run finds the window open and its chosen time passed or before the run after.
+    states = bed.scan(at(t0 + 1.2 * HOUR), run_interval=2 * HOUR).by_name()
+    assert states[unopened].due
+
+
+def test_short_lifetimes_renew_at_half_and_not_every_run(bed: Bed) -> None:
+    """Without ARI: 1/2 of the lifetime for certificates under 10 days, on every certbot;
+    a 24-hour certificate is not due just because it has less than 24 h left."""
+    bed.r.renewal_info = False
+    [young] = bed.add(1, "day", lifetime_days=1, age_days=0.25)   # 6 h of 24 h
+    [old] = bed.add(1, "dayold", lifetime_days=1, age_days=0.55)  # past half
+    t0 = time.time()
+    states = bed.scan(at(t0), run_interval=HOUR).by_name()
+    assert not states[young].due, states[young].reason
+    assert "1/2" in states[young].reason or "default rule" in states[young].reason
+    assert states[old].due and "1/2" in states[old].reason
