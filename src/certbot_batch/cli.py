@@ -122,7 +122,7 @@ def _row(name: str, state: Optional[LineageState], now: float,
                 "renew_next_attempt": None, "issued_by": None,
                 "attention": "not scanned yet"}
     # As the next run decides it, on what the last scan stored, with the cadence it used.
-    decision = plan(state, now, ScanSettings(), interval)
+    decision = plan(state, now, ScanSettings(), interval, quiet=True)
     return {
         "lineage": name,
         "names": state.names.split(),

@@ -202,7 +202,7 @@ def default_renewal_time(state: LineageState) -> Optional[float]:
 
 
 def plan(state: LineageState, now: float, settings: ScanSettings,
-         interval: Optional[float] = None) -> schedule.Decision:
+         interval: Optional[float] = None, quiet: bool = False) -> schedule.Decision:
     """certbot's should_renew on stored facts, scheduled for timer runs (schedule.py):
     ``interval`` is the time to the next expected run."""
     if settings.force:
@@ -216,7 +216,7 @@ def plan(state: LineageState, now: float, settings: ScanSettings,
                            window_start=state.window_start, window_end=state.window_end,
                            chosen_time=state.chosen_time, ocsp_status=state.ocsp_status,
                            renew_before_expiry=state.renew_before_expiry, interval=interval,
-                           name=state.name, warn=logger.warning)
+                           name=state.name, warn=None if quiet else logger.warning)
 
 
 def decide(state: LineageState, now: float, settings: ScanSettings,
@@ -252,6 +252,8 @@ class Scanner:
         self.rng = settings.rng or random.Random()
         self._counts = {"ari": 0, "ocsp": 0}
         self._count_lock = threading.Lock()
+        #: lineages of the current scan whose stored row must be rewritten
+        self._dirty: set[str] = set()
 
     # -- network, in worker threads ------------------------------------------------------
     def _new_session(self) -> Any:
@@ -510,9 +512,13 @@ def _links_sig(state: LineageState) -> str:
 
 
 def _standard_dirs(state: LineageState) -> tuple[str, str]:
-    """live/NAME (the cert link's directory) and certbot's archive/NAME next to it."""
-    live = os.path.dirname(state.cert_path or "")
-    return live, os.path.join(os.path.dirname(os.path.dirname(live)), "archive", state.name)
+    """live/NAME (the cert link's directory) and certbot's archive/NAME next to it (plain
+    string slicing: a warm run computes it for every lineage; a path it gets wrong only
+    costs that lineage a full check)."""
+    cert = state.cert_path or ""
+    live = cert[:cert.rfind("/")]
+    config = live[:live[:live.rfind("/")].rfind("/")]
+    return live, f"{config}/archive/{state.name}"
 
 
 def _links_unchanged(state: LineageState) -> bool:

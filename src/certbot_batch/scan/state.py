@@ -285,6 +285,11 @@ class StateDB:
             cols = [f if f in have else _sql_literal(defaults[f]) for f in _FIELDS]
         else:
             cols = list(_FIELDS)
+        # NULLs of the text and count columns replaced in SQL, not per row in Python.
+        for i in _TEXT_INDEXES:
+            cols[i] = f"IFNULL({cols[i]}, '')"
+        for i in _INT_INDEXES:
+            cols[i] = f"IFNULL({cols[i]}, 0)"
         if for_scan:
             # The scan sets conf_path from the file it reads: no second copy of each path.
             cols[_FIELDS.index("conf_path")] = "''"
@@ -325,16 +330,11 @@ class StateDB:
         shared: dict[Any, Any] = {}
         intern = shared.setdefault
         make = LineageState
-        bools, ints, texts, common = _BOOL_INDEXES, _INT_INDEXES, _TEXT_INDEXES, _SHARED_INDEXES
+        bools, common = _BOOL_INDEXES, _SHARED_INDEXES
         for row in rows:
             values = list(row)
             for i in bools:
                 values[i] = bool(values[i])
-            for i in ints:
-                values[i] = int(values[i] or 0)
-            for i in texts:
-                if values[i] is None:
-                    values[i] = ""
             for i in common:
                 value = values[i]
                 if value is not None:
