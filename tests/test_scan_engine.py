@@ -616,3 +616,103 @@ def test_short_lifetimes_renew_at_half_and_not_every_run(bed: Bed) -> None:
     assert not states[young].due, states[young].reason
     assert "1/2" in states[young].reason or "default rule" in states[young].reason
     assert states[old].due and "1/2" in states[old].reason
+
+
+def test_cadence_learned_from_timer_runs_only(bed: Bed) -> None:
+    """The runs table: timer runs teach the cadence (three at least), runs from a terminal
+    and --cert-name runs do not; --batch-run-interval wins."""
+    bed.add(1, "cad")
+    t0 = time.time()
+    first = bed.scan(at(t0))
+    assert first.interval is None and first.interval_source == "unknown"
+    bed.scan(at(t0 + HOUR))
+    bed.scan(at(t0 + 1.5 * HOUR), interactive=True)  # a person: not the timer's cadence
+    third = bed.scan(at(t0 + 2 * HOUR))
+    assert third.interval == pytest.approx(HOUR)
+    assert third.interval_source.startswith("learned")
+    explicit = bed.scan(at(t0 + 3 * HOUR), run_interval=600.0)
+    assert explicit.interval == 600.0 and explicit.interval_source == "--batch-run-interval"
+    db = StateDB(bed.db_path)
+    try:
+        runs = db.recent_runs()
+    finally:
+        db.close()
+    assert [r.trigger for r in runs] == ["timer", "timer", "interactive", "timer", "timer"]
+    assert runs[0].interval == 600.0 and runs[1].interval == pytest.approx(HOUR)
+
+
+def test_a_bug_is_a_traceback_and_a_lineage_certbot_decides(
+        bed: Bed, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A programming error while applying one lineage's check is no decision of ours: the
+    traceback is logged, the lineage is handed to certbot (broken, due), the others go on."""
+    victim, *others = bed.add(3, "bug")
+    original = Scanner._apply
+
+    def buggy(self: Scanner, state: LineageState, res: Any, now: float) -> None:
+        if state.name == victim:
+            raise KeyError("a bug")
+        original(self, state, res, now)
+
+    monkeypatch.setattr(Scanner, "_apply", buggy)
+    with caplog.at_level(logging.ERROR):
+        report = bed.scan()
+    assert set(report.internal_errors) == {victim}
+    assert "KeyError" in report.broken[victim]
+    states = report.by_name()
+    assert states[victim].due and "internal error" in states[victim].reason
+    [record] = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+    for name in others:
+        assert name not in report.broken and states[name].last_error is None
+
+
+def test_state_database_of_the_previous_release_is_upgraded_in_place(bed: Bed) -> None:
+    """New columns (links_sig) and the runs table are added to an existing database; its
+    rows, and so the ARI state of every lineage, are kept (no cold scan after an upgrade)."""
+    import sqlite3
+
+    [name] = bed.add(1, "upg")
+    bed.r.set_window(bed.cert(name), 5 * DAY, 6 * DAY)
+    t0 = time.time()
+    bed.scan(at(t0))
+    conn = sqlite3.connect(bed.db_path)
+    try:
+        with conn:
+            conn.execute("ALTER TABLE lineage DROP COLUMN links_sig")
+            conn.execute("DROP TABLE runs")
+    finally:
+        conn.close()
+    bed.r.reset_counters()
+    report = bed.scan(at(t0 + 60))
+    assert bed.r.ari_requests == 0  # the stored Retry-After survived the upgrade
+    assert report.by_name()[name].chosen_time is not None
+    db = StateDB(bed.db_path)
+    try:
+        assert [r.trigger for r in db.recent_runs()] == ["timer"]
+    finally:
+        db.close()
+
+
+def test_warm_scan_watches_the_link_directories(bed: Bed) -> None:
+    """Once found consistent, a lineage's links are watched through their two directories:
+    a link broken later is seen by the next warm run, and only the changed rows are
+    rewritten."""
+    import sqlite3
+
+    a, b = bed.add(2, "links")
+    t0 = time.time()
+    bed.scan(at(t0))
+    conn = sqlite3.connect(bed.db_path)
+    try:
+        sigs = dict(conn.execute("SELECT name, links_sig FROM lineage"))
+    finally:
+        conn.close()
+    assert sigs[a].startswith("A|") and "\nL|" in sigs[a]  # archive/ and live/, short form
+    warm = bed.scan(at(t0 + 60))
+    assert warm.broken == {}
+    chain = bed.config_dir / "live" / a / "chain.pem"
+    target = os.path.realpath(chain)
+    os.unlink(target)  # the archive file behind a link goes away
+    report = bed.scan(at(t0 + 120))
+    assert a in report.broken and "chain.pem" in report.broken[a]
+    assert b not in report.broken
