@@ -215,7 +215,7 @@ def render_man() -> str:
         ".SH \"SEE ALSO\"",
         ".BR certbot (1),",
         ".BR systemd.timer (5).",
-        _roff("Hourly renewals with systemd or cron: docs/scheduling.md (in Debian: "
+        _roff("Renewals every 10 minutes with systemd or cron: docs/scheduling.md (in Debian: "
               "/usr/share/doc/python3-certbot-batch/)."),
     ]
     return "\n".join(lines) + "\n"

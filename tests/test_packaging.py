@@ -384,10 +384,12 @@ def test_systemd_dropins() -> None:
     timer = source_file("contrib/systemd/certbot.timer.d/certbot-batch.conf").read_text()
     service = source_file("contrib/systemd/certbot.service.d/certbot-batch.conf").read_text()
     t = _unit_settings(timer)
-    # A drop-in appends to OnCalendar=: the reset must come first, then hourly only.
+    # A drop-in appends to OnCalendar=: the reset must come first, then every 10 minutes
+    # only (docs/scheduling.md: the cadence for short-lived certificates).
     assert [(k, v) for s, k, v in t if k == "OnCalendar"] == [("OnCalendar", ""),
-                                                              ("OnCalendar", "hourly")]
-    assert ("Timer", "RandomizedDelaySec", "1h") in t
+                                                              ("OnCalendar", "*:0/10")]
+    assert ("Timer", "RandomizedDelaySec", "10min") in t
+    assert ("Timer", "FixedRandomDelay", "true") in t
     s = _unit_settings(service)
     starts = [v for sec, k, v in s if k == "ExecStart"]
     assert starts[0] == "" and len(starts) == 2, starts
@@ -414,9 +416,9 @@ def test_systemd_dropins_verify_against_certbots_units(tmp_path: Path) -> None:
                           text=True, check=False, cwd=tmp_path)
     # Unknown keys, bad values and missing executables only warn: any output is a finding.
     assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stderr
-    cal = subprocess.run([analyze, "calendar", "hourly"], capture_output=True, text=True,
+    cal = subprocess.run([analyze, "calendar", "*:0/10"], capture_output=True, text=True,
                          check=False)
-    assert "Normalized form: *-*-* *:00:00" in cal.stdout, cal.stdout
+    assert "Normalized form: *-*-* *:00/10:00" in cal.stdout, cal.stdout
 
 
 def test_cron_file(tmp_path: Path) -> None:
@@ -425,7 +427,9 @@ def test_cron_file(tmp_path: Path) -> None:
             if line.strip() and not line.startswith("#") and "=" not in line.split()[0]]
     assert len(jobs) == 1, jobs
     minute, hour, dom, month, dow, user, command = jobs[0].split(None, 6)
-    assert (minute, hour, dom, month, dow, user) == ("0", "*", "*", "*", "*", "root")
+    assert (minute, hour, dom, month, dow, user) == ("*/10", "*", "*", "*", "*", "root")
+    # The random delay stays within the 10 minutes.
+    assert "sleep int(rand(540))" in command
     assert "%" not in command  # cron would turn it into a newline
     assert "--no-random-sleep-on-renew --batch-engine " + SKIP_IF_LOCKED in command
     assert "-d /run/systemd/system" in command  # with systemd, the timer does it

@@ -126,3 +126,100 @@ def test_replaces_is_thread_local(fake_ca: list[Optional[str]],
     assert seen_in_order == [CERT_ID]
     assert other_thread == [None]
     assert "replaces" not in _payload()
+
+
+# -- replaces never blocks a renewal (issue 19 item 2) ---------------------------------------
+
+def _refusing_ca(monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                 times: int = 1) -> list[Optional[str]]:
+    """new_order that records the 'replaces' it would send and refuses the first ``times``
+    orders that carry one with ``error``."""
+    seen: list[Optional[str]] = []
+
+    def new_order(self: Any, csr_pem: bytes, *args: Any, **kwargs: Any) -> str:
+        sent = _payload().get("replaces")
+        seen.append(sent)
+        if sent and len(seen) <= times:
+            raise error
+        if not sent and times > 1:
+            raise error  # the CA refuses the lineage whatever the order says
+        return "order"
+
+    monkeypatch.setattr(acme_client.ClientV2, "new_order", new_order)
+    return seen
+
+
+class _Response:
+    status_code = 500
+    headers: dict[str, str] = {}
+    content = b"<html>Internal Server Error</html>"
+    text = "Internal Server Error"
+
+
+REFUSALS = {
+    "alreadyReplaced": messages.Error(typ="urn:ietf:params:acme:error:alreadyReplaced",
+                                      detail="already replaced"),
+    # A CA that does not find the certID (pebble 2.10 for some serials).
+    "malformed": messages.Error(typ="urn:ietf:params:acme:error:malformed",
+                                detail="unable to find certificate for replaces"),
+    "serverInternal": messages.Error(typ="urn:ietf:params:acme:error:serverInternal",
+                                     detail="could not look up the replaced certificate"),
+}
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_refused_with_replaces_is_sent_once_more_without(
+        refusal: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, activate: Any) -> None:
+    seen = _refusing_ca(monkeypatch, REFUSALS[refusal])
+    activate()
+    with caplog.at_level("WARNING", logger="certbot_batch.challenges.replaces"):
+        assert acme_client.ClientV2.new_order(object(), b"csr") == "order"  # type: ignore
+    assert seen == [CERT_ID, None]
+    [record] = [r for r in caplog.records if "without 'replaces'" in r.getMessage()]
+    assert CERT_ID in record.getMessage()
+    assert record.levelname == "WARNING"
+    if refusal != "alreadyReplaced":
+        assert refusal in record.getMessage()  # the CA's problem type is named
+
+
+def test_bare_http_error_with_replaces_is_sent_once_more_without(
+        monkeypatch: pytest.MonkeyPatch, activate: Any) -> None:
+    from acme import errors as acme_errors
+
+    seen = _refusing_ca(monkeypatch, acme_errors.ClientError(_Response()))
+    activate()
+    assert acme_client.ClientV2.new_order(object(), b"csr") == "order"  # type: ignore
+    assert seen == [CERT_ID, None]
+
+
+def test_only_one_retry_without_replaces(monkeypatch: pytest.MonkeyPatch,
+                                         activate: Any) -> None:
+    """A lineage the CA refuses whatever the order says: two orders, then the CA's error."""
+    seen = _refusing_ca(monkeypatch, REFUSALS["malformed"], times=5)
+    activate()
+    with pytest.raises(messages.Error) as info:
+        acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
+    assert seen == [CERT_ID, None]
+    assert "malformed" in str(info.value.typ)
+
+
+def test_refusal_without_replaces_is_not_retried(monkeypatch: pytest.MonkeyPatch,
+                                                 activate: Any) -> None:
+    seen = _refusing_ca(monkeypatch, REFUSALS["malformed"], times=5)
+    activate(window=False)
+    with pytest.raises(messages.Error):
+        acme_client.ClientV2.new_order(object(), b"csr")  # type: ignore[arg-type]
+    assert seen == [None]
+
+
+def test_refused_for_replaces_classification() -> None:
+    from acme import errors as acme_errors
+
+    assert replaces.refused_for_replaces(REFUSALS["alreadyReplaced"])
+    assert replaces.refused_for_replaces(REFUSALS["malformed"])
+    assert replaces.refused_for_replaces(acme_errors.ClientError(_Response()))
+    assert not replaces.refused_for_replaces(
+        messages.Error(typ="urn:ietf:params:acme:error:rateLimited", detail="slow down"))
+    assert not replaces.refused_for_replaces(replaces.Stopped("stopping"))
+    assert not replaces.refused_for_replaces(ValueError("a bug"))

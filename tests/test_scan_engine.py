@@ -511,3 +511,208 @@ def test_changed_certificate_invalidates_state(bed: Bed) -> None:
     assert state.serial == format(new_cert.serial_number, "x")
     assert not state.due  # the new cert's window (default policy) is in the future
     assert state.window_start is not None and state.window_start > t0 + 20 * 86400
+
+
+# -- revocation seen as soon as stock sees it (issue 19 item 5) ---------------------------
+
+def test_timer_run_keeps_ocsp_good_at_most_the_bound(bed: Bed) -> None:
+    """A CA without ARI: a timer run believes an OCSP "good" for 6 h at most
+    (retry.OCSP_GOOD_MAX), then asks again and sees the revocation."""
+    from certbot_batch import retry
+
+    bed.r.renewal_info = False
+    [name] = bed.add(1, "rev", ocsp_url=bed.r.ocsp_url)
+    t0 = time.time()
+    first = bed.scan(at(t0)).by_name()[name]
+    assert first.ocsp_status == "good" and not first.due
+    assert first.ocsp_next is not None and first.ocsp_next <= t0 + retry.OCSP_GOOD_MAX
+    bed.r.set_ocsp_status(bed.cert(name), "revoked")
+    bed.r.reset_counters()
+    within = bed.scan(at(t0 + retry.OCSP_GOOD_MAX - 60))
+    assert bed.r.ocsp_requests == 0 and not within.by_name()[name].due  # the stated bound
+    after = bed.scan(at(t0 + retry.OCSP_GOOD_MAX + 1))
+    assert bed.r.ocsp_requests == 1
+    state = after.by_name()[name]
+    assert state.due and "revoked" in state.reason
+
+
+def test_stale_ocsp_answer_is_asked_again_although_ari_knows_a_window(bed: Bed) -> None:
+    from certbot_batch import retry
+
+    bed.r.renewal_info = False
+    [name] = bed.add(1, "both", ocsp_url=bed.r.ocsp_url)
+    t0 = time.time()
+    assert bed.scan(at(t0)).by_name()[name].ocsp_status == "good"
+    # The CA starts offering ARI: the window is known from now on ...
+    bed.r.renewal_info = True
+    bed.r.set_window(bed.cert(name), 30 * DAY, 31 * DAY)
+    later = t0 + retry.OCSP_GOOD_MAX + 1
+    bed.r.reset_counters()
+    state = bed.scan(at(later)).by_name()[name]
+    # ... and the stored OCSP answer, older than the bound, is still renewed alongside.
+    assert state.window_start is not None
+    assert bed.r.ari_requests == 1 and bed.r.ocsp_requests == 1
+    bed.r.set_ocsp_status(bed.cert(name), "revoked")
+    state = bed.scan(at(later + retry.OCSP_GOOD_MAX + 1)).by_name()[name]
+    assert state.due and "revoked" in state.reason
+
+
+def test_interactive_run_asks_afresh(bed: Bed) -> None:
+    """A person at a terminal: OCSP for every certificate with an OCSP URL (a cached "good"
+    ignored) and ARI for every lineage, whatever the stored Retry-After says; the opt-out
+    (--batch-cached-status) uses the stored answers as a timer run does."""
+    revoked, moved, fine = bed.add(3, "tty", ocsp_url=bed.r.ocsp_url)
+    plain = bed.add(1, "plain")  # no OCSP URL: never asked OCSP
+    for name in (revoked, moved, fine, *plain):
+        bed.r.set_window(bed.cert(name), 30 * DAY, 31 * DAY)
+    t0 = time.time()
+    cold = bed.scan(at(t0))
+    assert cold.due == [] and bed.r.ocsp_requests == 0  # ARI answered: no OCSP yet
+    bed.r.set_ocsp_status(bed.cert(revoked), "revoked")
+    bed.r.set_window(bed.cert(moved), -2 * DAY, -1 * DAY)  # the CA revokes through ARI
+    bed.r.reset_counters()
+    timer = bed.scan(at(t0 + 60))
+    assert timer.due == [] and bed.r.ari_requests == 0 and bed.r.ocsp_requests == 0
+    cached = bed.scan(at(t0 + 120), interactive=True, cached_status=True)
+    assert cached.due == [] and bed.r.ari_requests == 0 and bed.r.ocsp_requests == 0
+    fresh = bed.scan(at(t0 + 180), interactive=True)
+    assert bed.r.ari_requests == 4 and fresh.ari_requests == 4
+    assert bed.r.ocsp_requests == 3 and fresh.ocsp_requests == 3  # every cert with a URL
+    states = fresh.by_name()
+    assert states[revoked].due and "revoked" in states[revoked].reason
+    assert states[moved].due and states[moved].reason.startswith("ARI")
+    assert not states[fine].due and not states[plain[0]].due
+    assert sorted(s.name for s in fresh.due) == sorted([revoked, moved])
+
+
+# -- RFC 9773 4.2: the next run, the lifetime rules ------------------------------------------
+
+def test_renewal_time_before_the_next_run_renews_now(bed: Bed) -> None:
+    """--batch-run-interval: a chosen time inside the window but before the next run is
+    renewed by this run; one after it waits; a window not open yet waits whatever."""
+    soon, later, unopened = bed.add(3, "sched")
+    t0 = time.time()
+    hour = datetime.timedelta(hours=1)
+    bed.r.set_window(bed.cert(soon), -hour, 1.5 * hour)      # open, chosen time < t0+2h
+    bed.r.set_window(bed.cert(later), 3 * hour, 5 * hour)    # chosen time after t0+2h
+    bed.r.set_window(bed.cert(unopened), hour, 1.5 * hour)   # before the next run, closed
+    states = bed.scan(at(t0), run_interval=2 * HOUR).by_name()
+    assert states[soon].due and states[soon].reason.startswith("ARI"), states[soon].reason
+    assert not states[later].due
+    assert not states[unopened].due  # never before its window opens
+    # The next run finds the window open and its chosen time passed or before the run after.
+    states = bed.scan(at(t0 + 1.2 * HOUR), run_interval=2 * HOUR).by_name()
+    assert states[unopened].due
+
+
+def test_short_lifetimes_renew_at_half_and_not_every_run(bed: Bed) -> None:
+    """Without ARI: 1/2 of the lifetime for certificates under 10 days, on every certbot;
+    a 24-hour certificate is not due just because it has less than 24 h left."""
+    bed.r.renewal_info = False
+    [young] = bed.add(1, "day", lifetime_days=1, age_days=0.25)   # 6 h of 24 h
+    [old] = bed.add(1, "dayold", lifetime_days=1, age_days=0.55)  # past half
+    t0 = time.time()
+    states = bed.scan(at(t0), run_interval=HOUR).by_name()
+    assert not states[young].due, states[young].reason
+    assert "1/2" in states[young].reason or "default rule" in states[young].reason
+    assert states[old].due and "1/2" in states[old].reason
+
+
+def test_cadence_learned_from_timer_runs_only(bed: Bed) -> None:
+    """The runs table: timer runs teach the cadence (three at least), runs from a terminal
+    and --cert-name runs do not; --batch-run-interval wins."""
+    bed.add(1, "cad")
+    t0 = time.time()
+    first = bed.scan(at(t0))
+    assert first.interval is None and first.interval_source == "unknown"
+    bed.scan(at(t0 + HOUR))
+    bed.scan(at(t0 + 1.5 * HOUR), interactive=True)  # a person: not the timer's cadence
+    third = bed.scan(at(t0 + 2 * HOUR))
+    assert third.interval == pytest.approx(HOUR)
+    assert third.interval_source.startswith("learned")
+    explicit = bed.scan(at(t0 + 3 * HOUR), run_interval=600.0)
+    assert explicit.interval == 600.0 and explicit.interval_source == "--batch-run-interval"
+    db = StateDB(bed.db_path)
+    try:
+        runs = db.recent_runs()
+    finally:
+        db.close()
+    assert [r.trigger for r in runs] == ["timer", "timer", "interactive", "timer", "timer"]
+    assert runs[0].interval == 600.0 and runs[1].interval == pytest.approx(HOUR)
+
+
+def test_a_bug_is_a_traceback_and_a_lineage_certbot_decides(
+        bed: Bed, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A programming error while applying one lineage's check is no decision of ours: the
+    traceback is logged, the lineage is handed to certbot (broken, due), the others go on."""
+    victim, *others = bed.add(3, "bug")
+    original = Scanner._apply
+
+    def buggy(self: Scanner, state: LineageState, res: Any, now: float) -> None:
+        if state.name == victim:
+            raise KeyError("a bug")
+        original(self, state, res, now)
+
+    monkeypatch.setattr(Scanner, "_apply", buggy)
+    with caplog.at_level(logging.ERROR):
+        report = bed.scan()
+    assert set(report.internal_errors) == {victim}
+    assert "KeyError" in report.broken[victim]
+    states = report.by_name()
+    assert states[victim].due and "internal error" in states[victim].reason
+    [record] = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+    for name in others:
+        assert name not in report.broken and states[name].last_error is None
+
+
+def test_state_database_of_the_previous_release_is_upgraded_in_place(bed: Bed) -> None:
+    """New columns (links_sig) and the runs table are added to an existing database; its
+    rows, and so the ARI state of every lineage, are kept (no cold scan after an upgrade)."""
+    import sqlite3
+
+    [name] = bed.add(1, "upg")
+    bed.r.set_window(bed.cert(name), 5 * DAY, 6 * DAY)
+    t0 = time.time()
+    bed.scan(at(t0))
+    conn = sqlite3.connect(bed.db_path)
+    try:
+        with conn:
+            conn.execute("ALTER TABLE lineage DROP COLUMN links_sig")
+            conn.execute("DROP TABLE runs")
+    finally:
+        conn.close()
+    bed.r.reset_counters()
+    report = bed.scan(at(t0 + 60))
+    assert bed.r.ari_requests == 0  # the stored Retry-After survived the upgrade
+    assert report.by_name()[name].chosen_time is not None
+    db = StateDB(bed.db_path)
+    try:
+        assert [r.trigger for r in db.recent_runs()] == ["timer"]
+    finally:
+        db.close()
+
+
+def test_warm_scan_watches_the_link_directories(bed: Bed) -> None:
+    """Once found consistent, a lineage's links are watched through their two directories:
+    a link broken later is seen by the next warm run, and only the changed rows are
+    rewritten."""
+    import sqlite3
+
+    a, b = bed.add(2, "links")
+    t0 = time.time()
+    bed.scan(at(t0))
+    conn = sqlite3.connect(bed.db_path)
+    try:
+        sigs = dict(conn.execute("SELECT name, links_sig FROM lineage"))
+    finally:
+        conn.close()
+    assert sigs[a].startswith("A|") and "\nL|" in sigs[a]  # archive/ and live/, short form
+    warm = bed.scan(at(t0 + 60))
+    assert warm.broken == {}
+    chain = bed.config_dir / "live" / a / "chain.pem"
+    target = os.path.realpath(chain)
+    os.unlink(target)  # the archive file behind a link goes away
+    report = bed.scan(at(t0 + 120))
+    assert a in report.broken and "chain.pem" in report.broken[a]
+    assert b not in report.broken

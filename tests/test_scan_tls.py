@@ -25,6 +25,7 @@ import requests
 from urllib3.exceptions import InsecureRequestWarning
 
 from certbot_batch.scan import ari
+from certbot_batch.scan import http as scan_http
 from certbot_batch.scan.engine import Scanner, ScanReport, ScanSettings
 from certbot_batch.scan.state import StateDB
 from tests.bed import certs, farm
@@ -55,7 +56,7 @@ def untrusted(tmp_path: Path) -> Path:
 def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The scan's urllib3 fast path, or requests (the path taken when a proxy applies)."""
     if request.param == "requests":
-        monkeypatch.setattr(ari, "_direct_pool", lambda session, url: None)
+        monkeypatch.setattr(scan_http, "_direct_pool", lambda session, url: None)
     return str(request.param)
 
 

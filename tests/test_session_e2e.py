@@ -367,3 +367,121 @@ def test_orders_inside_the_ari_window_send_replaces(site: Site) -> None:
     assert proc.returncode == 0, out(proc)
     assert versions(bot, forced[0]) == 2
     assert not re.search(rf'"replaces":\s*"{re.escape(ids[forced[0]])}"', bot.log_text())
+
+
+# -- revocation seen as soon as stock sees it (issue 19 item 5) --------------------------------
+
+def run_on_a_terminal(bot: Certbot, *args: str,
+                      timeout: float = 240.0) -> tuple[int, str]:
+    """``certbot ARGS`` with stdin, stdout and stderr on a pseudo-terminal, as an
+    administrator who logged in and typed it (a real certbot process; no flag tells it)."""
+    import os
+    import pty
+    import select
+    import time as _time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(bot.command(*args), stdin=slave, stdout=slave, stderr=slave,
+                            env=bot.env(), cwd=bot.base_dir, start_new_session=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = _time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline -
+                                                               _time.monotonic()))
+            if not ready:
+                proc.kill()
+                raise AssertionError(f"certbot on a terminal did not finish within "
+                                     f"{timeout} s:\n" + b"".join(chunks).decode(
+                                         errors="replace"))
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def test_revocation_seen_by_the_next_interactive_renew(site: Site) -> None:
+    """After the CA revokes (OCSP says revoked, or the ARI window moves into the past), the
+    next `certbot renew` typed at a terminal renews those lineages, as stock does: it asks
+    OCSP and ARI afresh. A timer run (no terminal) keeps the stored answers within their
+    bounds (ARI: the CA's Retry-After; OCSP: 6 h) and renews nothing."""
+    bot = site.bot
+    resp = site.responder
+    names = farm.make_farm(str(bot.config_dir), 3, ca=site.ca, server=resp.directory_url,
+                           webroot=str(site.apache.webroot), account=site.account,
+                           ocsp_url=resp.ocsp_url, name_fmt="rev{i}.test")
+    revoked, moved, fine = names
+    certs = {n: farm.load_lineage_cert(str(bot.config_dir), n) for n in names}
+    for name in names:
+        resp.set_window(certs[name], 30 * DAY, 31 * DAY)
+    proc = site.renew()
+    assert proc.returncode == 0, out(proc)
+    assert "0 due" in out(proc)
+
+    resp.set_ocsp_status(certs[revoked], "revoked")
+    resp.set_window(certs[moved], *PAST)
+    resp.reset_counters()
+    proc = site.renew()  # a timer run: stdin is not a terminal
+    text = out(proc)
+    assert proc.returncode == 0, text
+    assert "(0 ARI, 0 OCSP request(s)): 0 due" in flat(text), text
+    assert all(versions(bot, n) == 1 for n in names)
+
+    code, text = run_on_a_terminal(bot, "renew", "--batch-engine")
+    assert code == 0, text
+    assert "Traceback" not in text
+    assert "(3 ARI, 3 OCSP request(s)): 2 due" in flat(text), text
+    assert versions(bot, revoked) == 2 and versions(bot, moved) == 2, text
+    assert versions(bot, fine) == 1
+    assert resp.ocsp_requests == 3
+
+    # The opt-out: the stored answers, as a timer run (only the two new certificates, which
+    # nothing is known about yet, are asked ARI; pebble's carry no OCSP URL).
+    resp.reset_counters()
+    code, text = run_on_a_terminal(bot, "renew", "--batch-engine", "--batch-cached-status")
+    assert code == 0, text
+    assert "(2 ARI, 0 OCSP request(s)): 0 due" in flat(text), text
+    assert resp.ari_requests_for(certs[fine]) == 0
+
+
+def test_timer_run_sees_a_revocation_once_the_ocsp_bound_passed(site: Site) -> None:
+    """A CA that answers OCSP and no ARI for this lineage (404): the timer run believes a
+    stored "good" for at most 6 h; once that has passed (the stored time is moved back, as
+    6 h of waiting would), the next timer run asks again and renews the revoked lineage."""
+    bot = site.bot
+    resp = site.responder
+    [name] = farm.make_farm(str(bot.config_dir), 1, ca=site.ca, server=resp.directory_url,
+                            webroot=str(site.apache.webroot), account=site.account,
+                            ocsp_url=resp.ocsp_url, name_fmt="ocsp{i}.test")
+    cert = farm.load_lineage_cert(str(bot.config_dir), name)
+    resp.set_fault("http404", key=cert)  # no ARI answer for it: OCSP decides
+    proc = site.renew()
+    assert proc.returncode == 0 and "0 due" in out(proc), out(proc)
+    conn = sqlite3.connect(str(state_db(bot)))
+    try:
+        (status, ocsp_next, scanned), = conn.execute(
+            "SELECT ocsp_status, ocsp_next, last_scan FROM lineage WHERE name=?", (name,))
+    finally:
+        conn.close()
+    assert status == "good" and ocsp_next <= scanned + 6 * 3600 + 1  # the stated bound
+    resp.set_ocsp_status(cert, "revoked")
+    proc = site.renew()  # within the bound: the stored answer holds
+    assert proc.returncode == 0 and "0 due" in out(proc) and versions(bot, name) == 1
+    conn = sqlite3.connect(str(state_db(bot)))
+    try:
+        with conn:
+            conn.execute("UPDATE lineage SET ocsp_next = ? WHERE name=?", (1.0, name))
+    finally:
+        conn.close()
+    proc = site.renew()
+    text = out(proc)
+    assert proc.returncode == 0, text
+    assert "1 OCSP request(s)): 1 due" in flat(text), text
+    assert versions(bot, name) == 2

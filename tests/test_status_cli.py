@@ -385,3 +385,26 @@ def test_dns_records_left_by_an_interrupted_run(site: Site, tmp_path: Path,
     assert code == 0 and json.loads(out)["dns_records"] == []
     assert site.status(capsys, "-q", "--prometheus", str(target))[0] == 0
     assert parse_prometheus(target.read_text())[("certbot_batch_dns_records_left", "")] == 0.0
+
+
+def test_when_and_why_each_lineage_is_renewed(site: Site, mixed: dict[str, str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """"renew at" and "because" (scan/schedule.py), and the last run with the cadence."""
+    code, out, _ = site.status(capsys)
+    lines = out.splitlines()
+    assert "renew at" in lines[0] and "because" in lines[0]
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip()}
+    assert " now " in rows[mixed["due"]]
+    assert "ARI window" in rows[mixed["fine"]]
+    assert "1/3 of the lifetime left" in rows[mixed["failing"]]  # no ARI answer: the rule
+    assert re.search(r"^Last run: \S+ \S+ \(timer\), 1 due, \? renewed\.", out, re.MULTILINE)
+    code, out, _ = site.status(capsys, "--json")
+    doc = json.loads(out)
+    by = {r["lineage"]: r for r in doc["lineages"]}
+    fine = by[mixed["fine"]]
+    assert fine["because"] == "ARI window"
+    # Not before the window opens, not after the time chosen in it.
+    assert fine["ari_window"][0] <= fine["renew_at"] <= fine["chosen_time"]
+    assert by[mixed["due"]]["renew_at"] is not None
+    assert [r["trigger"] for r in doc["runs"]["recent"]] == ["timer"]
+    assert doc["runs"]["cadence_seconds"] is None  # one run: no cadence yet

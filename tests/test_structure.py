@@ -133,3 +133,48 @@ def test_only_the_seam_touches_certbot_internals() -> None:
             line = text[:match.start()].count("\n") + 1
             offenders.append(f"{path.name}:{line}")
     assert offenders == []
+_STATE_FACTORIES = re.compile(
+    r"^(threading\.(local|Lock|RLock|Condition|Event)|weakref\.\w+|set|dict|list|"
+    r"collections\.\w+)\(")
+
+
+def _mutable_module_state(path: Path) -> list[str]:
+    """Module-level names bound to an empty container or a synchronisation object: state,
+    not a constant table."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        targets: list[ast.expr] = []
+        value: Optional[ast.expr] = None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        if value is None:
+            continue
+        text = ast.unparse(value)
+        empty = isinstance(value, (ast.Dict, ast.List, ast.Set)) and not (
+            getattr(value, "keys", None) or getattr(value, "elts", None))
+        if empty or _STATE_FACTORIES.match(text):
+            found += [f"{path.name}: {ast.unparse(t)} = {text}" for t in targets]
+    return found
+
+
+def test_no_module_level_mutable_state_outside_the_run_model() -> None:
+    offenders = []
+    for name, path in _modules().items():
+        if name != RUN_MODEL:
+            offenders += _mutable_module_state(path)
+    assert offenders == []
+
+
+def test_no_test_compares_elapsed_time_to_a_number() -> None:
+    pattern = re.compile(
+        r"(elapsed|duration|took|monotonic\(\)\s*-\s*\w+|time\(\)\s*-\s*\w+)\s*[<>]=?\s*\d")
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name == "test_structure.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line) and "assert" in line:
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == []

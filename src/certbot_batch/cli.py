@@ -15,8 +15,9 @@ from typing import Any, Optional, Sequence
 from certbot_batch import __version__, paths
 from certbot_batch.ca import ledger
 from certbot_batch.deploy import pending
-from certbot_batch.scan.engine import fmt_time
-from certbot_batch.scan.state import LineageState, StateDB
+from certbot_batch.scan import schedule
+from certbot_batch.scan.engine import ScanSettings, fmt_time, plan
+from certbot_batch.scan.state import LineageState, RunRecord, StateDB
 from certbot_batch.servers import server_for
 
 EXIT_OK, EXIT_ATTENTION, EXIT_ERROR = 0, 1, 2
@@ -110,14 +111,18 @@ def _attention(state: Optional[LineageState], now: float) -> Optional[str]:
     return None
 
 
-def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]:
+def _row(name: str, state: Optional[LineageState], now: float,
+         interval: Optional[float] = None) -> dict[str, Any]:
     if state is None:
         return {"lineage": name, "names": [], "not_after": None, "ari_window": None,
                 "chosen_time": None, "due": None, "reason": "not scanned yet",
+                "renew_at": None, "because": "not scanned yet",
                 "next_check": None, "failures": 0, "last_error": None,
                 "renew_attempts": 0, "renew_failing_since": None, "renew_last_error": None,
                 "renew_next_attempt": None, "issued_by": None,
                 "attention": "not scanned yet"}
+    # As the next run decides it, on what the last scan stored, with the cadence it used.
+    decision = plan(state, now, ScanSettings(), interval, quiet=True)
     return {
         "lineage": name,
         "names": state.names.split(),
@@ -128,6 +133,9 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
         "chosen_time": fmt_time(state.chosen_time) if state.chosen_time else None,
         "due": state.due,
         "reason": state.reason,
+        # When a run renews it and why (scan/schedule.py): the rule, in a few words.
+        "renew_at": fmt_time(decision.renew_at) if decision.renew_at is not None else None,
+        "because": _because(state, decision),
         "next_check": fmt_time(state.next_check) if state.next_check else None,
         "ocsp_status": state.ocsp_status,
         "failures": state.failures,
@@ -144,6 +152,32 @@ def _row(name: str, state: Optional[LineageState], now: float) -> dict[str, Any]
     }
 
 
+def _because(state: LineageState, decision: schedule.Decision) -> str:
+    why = decision.because or state.reason or "-"
+    if state.renew_next_attempt and state.due:
+        # Due, but waiting out the backoff of its failed renewals.
+        return f"{why}; backing off until {fmt_time(state.renew_next_attempt)}"
+    return why
+
+
+def _runs_json(runs: list[RunRecord], cadence: Optional[float]) -> dict[str, Any]:
+    return {"cadence_seconds": cadence,
+            "recent": [{"started": fmt_time(r.started), "trigger": r.trigger,
+                        "lineages": r.lineages, "due": r.due, "renewed": r.renewed,
+                        "next_run_expected_in": r.interval} for r in runs]}
+
+
+def _runs_line(runs: list[RunRecord], cadence: Optional[float]) -> str:
+    started, trigger, _, due, renewed, _ = runs[0]
+    line = (f"Last run: {fmt_time(started)} ({trigger}), {due} due, "
+            f"{'?' if renewed is None else renewed} renewed. ")
+    if cadence:
+        return line + (f"Timer runs come every ~{schedule.fmt_span(cadence)} (learned from "
+                       "the recent runs, or --batch-run-interval): a lineage whose renewal "
+                       "time falls before the next run is renewed by the run before it.")
+    return line + "The timer's cadence is not known yet (fewer than 3 timer runs)."
+
+
 def _short_error(text: str) -> str:
     """The table's column: URLs cut to their host and certIDs dropped, so that what the CA
     answered fits (the full message is in --json)."""
@@ -153,7 +187,8 @@ def _short_error(text: str) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     headers = ["lineage", "names", "notAfter", "ARI window", "chosen time", "due?",
-               "next check", "attempts", "next attempt", "issued by", "last error"]
+               "renew at", "because", "next check", "attempts", "next attempt", "issued by",
+               "last error"]
     body = []
     for r in rows:
         window = " .. ".join(r["ari_window"]) if r.get("ari_window") else "-"
@@ -163,8 +198,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
             names = names[:37] + "..."
         issuer = re.sub(r"^https?://([^/]+).*$", r"\1", r.get("issued_by") or "-")
         error = r.get("renew_last_error") or r["last_error"] or r.get("attention") or "-"
+        renew_at = ("now" if r["due"] else r.get("renew_at")) or "-"
         body.append([r["lineage"], names, r["not_after"] or "-", window,
-                     r["chosen_time"] or "-", due, r["next_check"] or "-",
+                     r["chosen_time"] or "-", due, renew_at, r.get("because") or "-",
+                     r["next_check"] or "-",
                      str(r.get("renew_attempts") or 0), r.get("renew_next_attempt") or "-",
                      issuer, _short_error(error)[:120]])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)] if body else \
@@ -285,10 +322,14 @@ def status(args: argparse.Namespace) -> int:
     if args.cert_name:
         names = [n for n in names if n in args.cert_name]
     states: dict[str, LineageState] = {}
+    runs: list[RunRecord] = []
+    cadence: Optional[float] = None
     if os.path.exists(db_path):
         try:
             db = StateDB(db_path, readonly=True)
             states = db.load_all()
+            runs = db.recent_runs()
+            cadence = schedule.learned_interval(db.run_starts("timer"))
             db.close()
         except sqlite3.Error as exc:
             print(f"certbot-batch: cannot read the state database {db_path} ({exc}); the "
@@ -305,7 +346,9 @@ def status(args: argparse.Namespace) -> int:
         print(f"certbot-batch: cannot read the journal of DNS records ({exc})", file=sys.stderr)
         return EXIT_ERROR
     now = time.time()
-    rows = [_row(n, states.get(n), now) for n in names]
+    # The cadence the last run used (--batch-run-interval or learned), else the learned one.
+    interval = next((r.interval for r in runs if r.interval), None) or cadence
+    rows = [_row(n, states.get(n), now, interval) for n in names]
     record = pending.PendingDeployments(dirs)
     servers = record.servers() if record.exists() else []
     hooks = record.hooks() if record.exists() else []
@@ -314,7 +357,7 @@ def status(args: argparse.Namespace) -> int:
     stuck = [e for _, e in servers + hooks if not pending.running(e)]
     if args.json:
         doc: dict[str, Any] = {"generated": fmt_time(now), "lineages": rows,
-                               "pending_deployment": None}
+                               "pending_deployment": None, "runs": _runs_json(runs, cadence)}
         if servers or hooks:
             doc["pending_deployment"] = {
                 "lineages": pending_names,
@@ -333,6 +376,8 @@ def status(args: argparse.Namespace) -> int:
         attention = [r for r in rows if r["attention"]]
         due = sum(1 for r in rows if r["due"])
         print(f"\n{len(rows)} lineage(s), {due} due, {len(attention)} needing attention")
+        if runs:
+            print(_runs_line(runs, cadence))
         for ref, entry in servers:
             print(_pending_line(f"on {server_for(ref).label()}", entry))
         for cmd, entry in hooks:

@@ -70,6 +70,20 @@ def _add(parser: Any) -> None:
         help="Use the fallback CA only for certificates expiring within this many days. "
              "(default: 7)")
     parser.add_argument(
+        "--batch-run-interval", dest="batch_run_interval", type=float, default=None,
+        metavar="SECONDS",
+        help="Seconds between two scheduled runs (the timer's or cron's period). A lineage "
+             "whose renewal time (chosen in its ARI window, or by the lifetime rules) comes "
+             "before the next run is renewed in this run (RFC 9773 section 4.2), so no "
+             "certificate expires between two runs. (default: learned from the recent runs "
+             "kept in the state database)")
+    parser.add_argument(
+        "--batch-cached-status", dest="batch_cached_status", action="store_true",
+        default=False,
+        help="In a run from a terminal, use the stored ARI and OCSP answers as timer runs "
+             "do, instead of asking the CA afresh for every certificate (the default "
+             "there, so that a revocation the CA announced is seen at once).")
+    parser.add_argument(
         "--batch-skip-if-locked", dest="batch_skip_if_locked", action="store_true",
         default=False,
         help="When another certbot run holds certbot's lock, say so in one line and exit 0 "
@@ -84,6 +98,7 @@ _BOUNDS = (
     ("--batch-timeout", "batch_timeout", 0, False),
     ("--batch-acme-rate", "batch_acme_rate", 0, False),
     ("--batch-fallback-within", "batch_fallback_within", 0, True),
+    ("--batch-run-interval", "batch_run_interval", 0, False),
 )
 
 

@@ -201,6 +201,14 @@ class Process:
     live_rounds: set[Any] = dataclasses.field(default_factory=set)
     #: keys of warnings said once
     warned: set[str] = dataclasses.field(default_factory=set)
+    #: the scan's direct urllib3 pools, per thread (scan/http.py), and which origins may
+    #: use them (no proxy for them)
+    http_pools: threading.local = dataclasses.field(default_factory=threading.local)
+    direct_origins: dict[tuple[str, Any], Optional[str]] = \
+        dataclasses.field(default_factory=dict)
+    #: server instance -> its configuration problem, checked once per command
+    preflight: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)
+    preflight_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 

@@ -36,6 +36,7 @@ from certbot_batch.challenges import grouped, prevalidate, replaces
 from certbot_batch.deploy import finish, pending, reload
 from certbot_batch.deploy import hooks as batch_hooks
 from certbot_batch.run import LineageRecord, Outcome, Run, Scope
+from certbot_batch.scan import schedule
 from certbot_batch.scan.engine import Scanner, ScanReport, ScanSettings, fmt_time
 from certbot_batch.scan.state import LineageState, StateDB
 from certbot_batch.servers.base import ServerRef
@@ -90,7 +91,24 @@ def settings_from(config: Any) -> ScanSettings:
         user_agent=f"certbot-batch certbot/{_certbot.certbot_version()}",
         progress=(not getattr(config, "quiet", False)) and sys.stderr.isatty(),
         verify_ssl=getattr(config, "no_verify_ssl", False) is not True,
+        run_interval=_number(getattr(config, "batch_run_interval", None)),
+        interactive=_interactive(),
+        cached_status=getattr(config, "batch_cached_status", False) is True,
     )
+
+
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and value > 0 else None
+
+
+def _interactive() -> bool:
+    """A person at a terminal (stdin and stdout): the scan asks ARI and OCSP afresh."""
+    try:
+        return bool(sys.stdin is not None and sys.stdin.isatty()
+                    and sys.stdout is not None and sys.stdout.isatty())
+    except (ValueError, OSError):  # closed streams
+        return False
 
 
 def _conf_files(config: Any) -> Optional[list[str]]:
@@ -335,6 +353,8 @@ class RenewalSession:
             return self._finish(report)
         finally:
             session.ledger.flush()
+            if self.report is not None:  # the runs table: the cadence of timer runs
+                session.db.finish_run(self.report.run_id, len(self.renewed))
             session.db.close()
 
     def _renew_in_waves(self, report: ScanReport) -> None:
@@ -650,6 +670,10 @@ class RenewalSession:
         elif self.loop_errors:
             problems += [str(e) for e in self.loop_errors]
         problems += self.deploy_problems
+        if self.report is not None and self.report.internal_errors:
+            problems.append(f"certbot-batch internal error while checking "
+                            f"{len(self.report.internal_errors)} lineage(s) (see the log); "
+                            "certbot decided for them itself")
         if self.deferred:
             problems.append(f"{len(self.deferred)} renewal(s) deferred (their CA's rate limit, "
                             "or their CA unavailable)")
@@ -830,7 +854,7 @@ class RenewalSession:
                                        "order started")
             return replaces.send_new_order(paced, client, csr_pem, *args,
                                            cert_id=self._replaces_for(name),
-                                           local=session.local, **kwargs)
+                                           local=session.local, lineage=name, **kwargs)
 
         if session.stopping.is_set():
             raise replaces.Stopped("certbot-batch: the run is stopping (signal); no new order "
@@ -927,6 +951,10 @@ class RenewalSession:
             f"{report.elapsed:.1f} s ({report.ari_requests} ARI, {report.ocsp_requests} OCSP "
             f"request(s)): {len(report.due) - len(report.broken)} due, {len(not_due)} not "
             f"due, {len(report.broken)} unreadable.")
+        if report.interval:
+            logger.info("certbot-batch: next run expected in %s (%s): lineages whose renewal "
+                        "time comes before it are renewed now (RFC 9773 4.2)",
+                        schedule.fmt_span(report.interval), report.interval_source)
         failing = [s for s in report.states if s.last_error and s.name not in report.broken]
         for state in failing[:LIST_LIMIT]:
             logger.warning("Lineage %s: %s (it will still renew on its expiry schedule)",

@@ -52,13 +52,17 @@ class Pebble:
     :param always_valid: PEBBLE_VA_ALWAYS_VALID=1 (no validation at all).
     :param dns_server: ``HOST:PORT`` of the DNS server pebble resolves with (a test BIND);
         None = a private pebble-challtestsrv that answers 127.0.0.1 for every name.
+    :param validity_period: lifetime of every certificate it issues, in seconds (pebble's
+        ``certificateValidityPeriod``); None = pebble's default (5 years in 2.4).
     """
 
     def __init__(self, http_port: int, *, va_sleeptime: Optional[int] = None,
                  authz_reuse: int = 0, always_valid: bool = False,
                  base_dir: Optional[Path] = None, startup_timeout: float = 30.0,
-                 dns_server: Optional[str] = None) -> None:
+                 dns_server: Optional[str] = None,
+                 validity_period: Optional[int] = None) -> None:
         self.http_port = http_port
+        self.validity_period = validity_period
         self.va_sleeptime = va_sleeptime
         self.authz_reuse = authz_reuse
         self.always_valid = always_valid
@@ -111,7 +115,7 @@ class Pebble:
             self.dns_port = ports.free_port(udp_too=True)
             self.challtestsrv_management_port = ports.free_port()
         self.port, self.management_port, self.tls_port = ports.free_ports(3)
-        self.config_path.write_text(json.dumps({"pebble": {
+        config: dict[str, object] = {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
             "certificate": str(self.dir / "pebble-cert.pem"),
@@ -120,7 +124,10 @@ class Pebble:
             "tlsPort": self.tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
-        }}, indent=2))
+        }
+        if self.validity_period is not None:
+            config["certificateValidityPeriod"] = int(self.validity_period)
+        self.config_path.write_text(json.dumps({"pebble": config}, indent=2))
         try:
             if self.dns_server is None:
                 self._spawn([CHALLTESTSRV, "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",

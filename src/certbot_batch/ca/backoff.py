@@ -17,20 +17,19 @@ from __future__ import annotations
 import random
 from typing import Any, Optional
 
+from certbot_batch import retry
 from certbot_batch.scan.engine import fmt_time
 from certbot_batch.scan.state import LineageState
 
-#: seconds before the 1st, 2nd, 3rd, and every later retry
-SCHEDULE = (60.0, 600.0, 6000.0, 86400.0)
-JITTER = 0.1
-MIN_RETRY_AFTER = 60.0
-MAX_RETRY_AFTER = 86400.0
+#: seconds before the 1st, 2nd, 3rd, and every later retry (the numbers: retry.py)
+SCHEDULE = retry.LINEAGE_SCHEDULE
+JITTER = retry.LINEAGE_JITTER
+MIN_RETRY_AFTER = retry.LINEAGE_RETRY.low
+MAX_RETRY_AFTER = retry.LINEAGE_RETRY.high
 
 
 def delay_after(failures: int, rng: Optional[random.Random] = None) -> float:
-    base = SCHEDULE[min(max(failures, 1), len(SCHEDULE)) - 1]
-    r = (rng or random).random()
-    return base * (1 - JITTER + 2 * JITTER * r)
+    return retry.lineage_delay(failures, rng)
 
 
 def record_failure(state: LineageState, now: float, error: str,
@@ -44,7 +43,7 @@ def record_failure(state: LineageState, now: float, error: str,
         state.renew_failing_since = now
     state.renew_last_error = error[:2000]
     if retry_after is not None:
-        wait = min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, float(retry_after)))
+        wait = retry.LINEAGE_RETRY.clamp(float(retry_after))
     else:
         wait = delay_after(state.renew_failures, rng)
     state.renew_next_attempt = now + wait

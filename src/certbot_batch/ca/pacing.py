@@ -35,23 +35,21 @@ last response of each thread are kept here (``_send_request`` is wrapped for tha
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import logging
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 from certbot import errors
 
-from certbot_batch import _certbot
-from certbot_batch.scan.ratelimit import RateLimiter, key_for_url, parse_retry_after
+from certbot_batch import _certbot, retry
+from certbot_batch.scan.ratelimit import RateLimiter, key_for_url
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RATE = 100.0
-MIN_PAUSE = 1.0
-MAX_PAUSE = 300.0
+MIN_PAUSE = retry.ACME_PAUSE.low
+MAX_PAUSE = retry.ACME_PAUSE.high
 #: How long one request may be retried across pauses before its lineage fails.
 RETRY_BUDGET = 600.0
 #: How long (seconds) an endpoint of a CA may keep refusing requests (503, or 429 "slow
@@ -109,19 +107,7 @@ def is_account_wide(detail: str) -> bool:
 
 
 def _retry_after_seconds(value: Optional[str]) -> Optional[float]:
-    if not value:
-        return None
-    try:
-        seconds = parse_retry_after(value, datetime.now(timezone.utc))
-    except (TypeError, ValueError):
-        seconds = None
-    if seconds is None:
-        try:
-            parsed = email.utils.parsedate_to_datetime(value)
-            seconds = max(0.0, parsed.timestamp() - time.time())
-        except (TypeError, ValueError, IndexError):
-            return None
-    return seconds
+    return retry.retry_after_seconds(value)
 
 
 def _problem_type(response: Any) -> str:
@@ -288,9 +274,7 @@ class AcmePacer:
                 ep.consecutive += 1
             if ep.streak_start is None:
                 ep.streak_start = now
-            seconds = retry_after if retry_after is not None else \
-                2.0 ** min(ep.consecutive - 1, 8)
-            seconds = min(MAX_PAUSE, max(MIN_PAUSE, seconds))
+            seconds = retry.acme_pause(ep.consecutive, retry_after)
             ep.pause, ep.status = seconds, status
             with self._lock:
                 self.pauses += 1

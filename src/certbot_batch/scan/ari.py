@@ -14,24 +14,29 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import re
-import socket
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional
 
 import requests
-import urllib3
 from cryptography import x509
-from requests.adapters import HTTPAdapter
-from requests.utils import DEFAULT_CA_BUNDLE_PATH, get_environ_proxies
 
-from certbot_batch import __version__
-from certbot_batch.scan.ratelimit import RateLimiter, key_for_url, parse_retry_after
+from certbot_batch import retry
+from certbot_batch.scan.http import (
+    DEFAULT_MAX_WAIT,
+    DEFAULT_USER_AGENT,
+    HttpFailure,
+    HttpReply,
+    SessionPool,
+    Timeout,
+    http_exchange,
+    take_slot,
+    timeouts,
+)
+from certbot_batch.scan.ratelimit import RateLimiter, key_for_url
 
 __all__ = [
     "ARI_KINDS",
@@ -55,26 +60,19 @@ __all__ = [
 ARI_KINDS = ("timeout", "http", "unavailable", "malformed", "bad_window", "no_ari",
              "connection")
 
-#: Retry-After of a successful ARI answer: default when absent, and clamp bounds (seconds).
-DEFAULT_RETRY_AFTER = 6 * 3600.0
-MIN_RETRY_AFTER = 60.0
-MAX_RETRY_AFTER = 86400.0
+#: Retry-After of a successful ARI answer: default when absent, and clamp bounds (seconds);
+#: the numbers live in certbot_batch.retry (one policy for every retry of the suite).
+DEFAULT_RETRY_AFTER = retry.DEFAULT_ARI_RETRY_AFTER
+MIN_RETRY_AFTER = retry.ARI_ANSWER.low
+MAX_RETRY_AFTER = retry.ARI_ANSWER.high
 
 #: Back-off after a 503/429 without Retry-After; doubles on each further one, up to a day.
-DEFAULT_UNAVAILABLE_BACKOFF = 60.0
-MAX_UNAVAILABLE_BACKOFF = 86400.0
-
-#: How long a request may wait for the rate limiter when the caller gives no deadline.
-DEFAULT_MAX_WAIT = 30.0
-
-DEFAULT_USER_AGENT = f"certbot-batch/{__version__} python-requests/{requests.__version__}"
+DEFAULT_UNAVAILABLE_BACKOFF = retry.UNAVAILABLE_START
+MAX_UNAVAILABLE_BACKOFF = retry.LIMITER.high
 
 #: Size caps on response bodies (a directory is small, an ARI answer tiny).
 MAX_DIRECTORY_BYTES = 1 << 20
 MAX_ARI_BYTES = 64 << 10
-
-Timeout = Union[float, Tuple[float, float]]
-
 
 # ----------------------------------------------------------------------------------------
 # Errors and results
@@ -228,284 +226,7 @@ def choose_time(start: datetime, end: datetime,
 def _clamp_retry_after(value: Optional[float]) -> float:
     if value is None:
         return DEFAULT_RETRY_AFTER
-    return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, value))
-
-
-# ----------------------------------------------------------------------------------------
-# HTTP plumbing shared with the OCSP client
-# ----------------------------------------------------------------------------------------
-class SessionPool:
-    """One ``requests.Session`` per thread, each with a roomy keep-alive pool.
-
-    Worker threads reuse their own connections (no lock on a shared cookie jar, no
-    "connection pool is full" churn).  If ``factory`` hands out one shared session, it is
-    configured once and shared.
-    """
-
-    def __init__(self, factory: Callable[[], requests.Session] = requests.Session,
-                 user_agent: Optional[str] = DEFAULT_USER_AGENT, *,
-                 pool_connections: int = 16, pool_maxsize: int = 64) -> None:
-        self._factory = factory
-        self._user_agent = user_agent
-        self._pool_connections = pool_connections
-        self._pool_maxsize = pool_maxsize
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._sessions: List[requests.Session] = []
-        self._seen: Set[int] = set()
-
-    def get(self) -> requests.Session:
-        """The calling thread's session (created on first use)."""
-        sess: Optional[requests.Session] = getattr(self._local, "session", None)
-        if sess is None:
-            sess = self._factory()
-            with self._lock:
-                if id(sess) not in self._seen:
-                    self._seen.add(id(sess))
-                    self._sessions.append(sess)
-                    if isinstance(sess, requests.Session):
-                        adapter = HTTPAdapter(pool_connections=self._pool_connections,
-                                              pool_maxsize=self._pool_maxsize)
-                        sess.mount("https://", adapter)
-                        sess.mount("http://", adapter)
-                    if self._user_agent:
-                        sess.headers["User-Agent"] = self._user_agent
-            self._local.session = sess
-        return sess
-
-    def close(self) -> None:
-        """Close every session handed out so far."""
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-            self._seen.clear()
-        self._local = threading.local()
-        for sess in sessions:
-            try:
-                sess.close()
-            except Exception:  # noqa: BLE001 - closing must not fail a run
-                pass
-
-
-@dataclass
-class HttpReply:
-    url: str
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-    def retry_after(self) -> Optional[float]:
-        return parse_retry_after(self.headers.get("Retry-After"), datetime.now(timezone.utc))
-
-    def snippet(self, limit: int = 200) -> str:
-        """A short, printable description of the body (``detail`` of a problem document)."""
-        text = self.body[:4096].decode("utf-8", "replace")
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict) and isinstance(doc.get("detail"), str):
-            text = str(doc.get("type", "")) + ": " + doc["detail"]
-        text = " ".join(text.split())
-        return text if len(text) <= limit else text[:limit] + "..."
-
-
-class HttpFailure(Exception):
-    """Transport-level failure: ``kind`` is ``timeout``, ``connection`` or ``malformed``."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    seen: Set[int] = set()
-    todo: List[Any] = [exc]
-    while todo:
-        cur = todo.pop()
-        if not isinstance(cur, BaseException) or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, (requests.exceptions.Timeout, socket.timeout, TimeoutError)):
-            return True
-        if type(cur).__name__ in ("ReadTimeoutError", "ConnectTimeoutError"):
-            return True
-        todo.extend(cur.args)
-        todo.extend((cur.__cause__, cur.__context__, getattr(cur, "reason", None)))
-    return False
-
-
-def _timeouts(timeout: Timeout) -> Tuple[float, float]:
-    if isinstance(timeout, tuple):
-        return float(timeout[0]), float(timeout[1])
-    return float(timeout), float(timeout)
-
-
-def http_exchange(session: requests.Session, method: str, url: str, *, timeout: Timeout,
-                  total_timeout: Optional[float] = None, max_bytes: int = MAX_DIRECTORY_BYTES,
-                  headers: Optional[Mapping[str, str]] = None,
-                  data: Optional[bytes] = None) -> HttpReply:
-    """One HTTP request with bounded time and size; any transport error -> :class:`HttpFailure`.
-
-    ``timeout`` is requests' (connect, read) pair; ``total_timeout`` (default
-    connect + read) bounds the whole exchange, so a server dribbling bytes cannot hold a
-    worker thread for long.  Bodies larger than ``max_bytes`` are refused.
-    """
-    connect, read = _timeouts(timeout)
-    budget = total_timeout if total_timeout is not None else connect + read
-    started = time.monotonic()
-    pool = _direct_pool(session, url)
-    if pool is not None:
-        return _urllib3_exchange(pool, session, method, url, connect=connect, read=read,
-                                 budget=budget, started=started, max_bytes=max_bytes,
-                                 headers=headers, data=data)
-    # verify=False per request, as acme does for certbot's --no-verify-ssl: requests lets
-    # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE from the environment override session.verify=False.
-    verify = False if session.verify is False else None
-    try:
-        resp = session.request(method, url, headers=dict(headers or {}), data=data,
-                               timeout=(connect, read), stream=True, allow_redirects=True,
-                               verify=verify)
-    except requests.exceptions.SSLError as exc:
-        raise HttpFailure("connection", f"TLS error talking to {url}: {exc}") from exc
-    except requests.exceptions.RequestException as exc:
-        if _is_timeout(exc):
-            raise HttpFailure("timeout", f"no answer from {url} within {connect:g} s "
-                              f"(connect) / {read:g} s (read)") from exc
-        if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                            requests.exceptions.InvalidSchema)):
-            raise HttpFailure("connection", f"invalid URL {url!r}: {exc}") from exc
-        raise HttpFailure("connection", f"cannot connect to {url}: {exc}") from exc
-    try:
-        body = _read_body(resp.headers, resp.iter_content(16384),
-                          requests.exceptions.RequestException, url=url, max_bytes=max_bytes,
-                          started=started, budget=budget, read=read)
-        return HttpReply(url=resp.url or url, status=resp.status_code,
-                         headers=resp.headers, body=body)
-    finally:
-        resp.close()
-
-
-def _read_body(headers: Mapping[str, str], chunks_iter: Any, transport_error: Any, *,
-               url: str, max_bytes: int, started: float, budget: float, read: float) -> bytes:
-    """Read a body within size and time bounds; transport errors -> :class:`HttpFailure`."""
-    length = headers.get("Content-Length")
-    if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-        raise HttpFailure("malformed", f"{url} sent a {int(length)}-byte body "
-                          f"(more than the {max_bytes} bytes expected)")
-    chunks: List[bytes] = []
-    size = 0
-    try:
-        for chunk in chunks_iter:
-            size += len(chunk)
-            if size > max_bytes:
-                raise HttpFailure("malformed", f"{url} sent more than the {max_bytes} "
-                                  "bytes expected")
-            chunks.append(chunk)
-            if time.monotonic() - started > budget:
-                raise HttpFailure("timeout", f"{url} did not finish its answer within "
-                                  f"{budget:g} s")
-    except transport_error as exc:
-        if _is_timeout(exc):
-            raise HttpFailure("timeout", f"{url} stopped sending its answer (read "
-                              f"timeout {read:g} s)") from exc
-        raise HttpFailure("connection", f"connection to {url} broke while reading the "
-                          f"answer: {exc}") from exc
-    return b"".join(chunks)
-
-
-# Scans send tens of thousands of small requests; requests' per-request machinery (hooks,
-# cookies, adapters, environment lookups) costs ~0.6 ms of CPU each, urllib3 underneath it
-# about a third of that. A plain Session (no proxy for the URL, no auth, no client cert)
-# therefore talks to urllib3 directly, with the same CA-bundle rules requests applies;
-# anything else goes through requests unchanged.
-_direct = threading.local()
-_direct_ok: Dict[Tuple[str, Any], Optional[str]] = {}
-_direct_lock = threading.Lock()
-
-
-def _ca_bundle(session: requests.Session) -> Optional[str]:
-    """The CA bundle (file or directory) requests would verify with for a request sent by
-    :func:`http_exchange`; None means "do not verify" (certbot's --no-verify-ssl).
-
-    As requests' ``merge_environment_settings``: a session that verifies (``verify`` True
-    or a path) takes ``REQUESTS_CA_BUNDLE``, else ``CURL_CA_BUNDLE``, from the environment
-    when it trusts the environment (the variables win over a path set on the session);
-    ``verify=False`` is passed with each request, so it is never overridden."""
-    if session.verify is False:
-        return None
-    if session.trust_env:
-        for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
-            if os.environ.get(var):
-                return os.environ[var]
-    if isinstance(session.verify, str):
-        return session.verify
-    return str(DEFAULT_CA_BUNDLE_PATH)
-
-
-def _direct_pool(session: requests.Session, url: str) -> Optional[urllib3.PoolManager]:
-    if type(session) is not requests.Session or session.proxies or session.auth \
-            or session.cert or session.hooks.get("response"):
-        return None
-    origin = url.split("/", 3)[:3]
-    key = ("/".join(origin), session.trust_env)
-    with _direct_lock:
-        if key not in _direct_ok:
-            proxies = get_environ_proxies(url) if session.trust_env else {}
-            _direct_ok[key] = None if proxies else "ok"
-        if _direct_ok[key] is None:
-            return None
-    bundle = _ca_bundle(session)
-    pools: Dict[Optional[str], urllib3.PoolManager] = getattr(_direct, "pools", None) or {}
-    _direct.pools = pools
-    pool = pools.get(bundle)
-    if pool is None:
-        if bundle is None:
-            pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_NONE")
-        elif os.path.isdir(bundle):  # a c_rehash'd directory, as requests accepts
-            pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_REQUIRED",
-                                       ca_cert_dir=bundle)
-        else:
-            pool = urllib3.PoolManager(num_pools=32, maxsize=4, cert_reqs="CERT_REQUIRED",
-                                       ca_certs=bundle)
-        pools[bundle] = pool
-    return pool
-
-
-def _urllib3_exchange(pool: urllib3.PoolManager, session: requests.Session, method: str,
-                      url: str, *, connect: float, read: float, budget: float, started: float,
-                      max_bytes: int, headers: Optional[Mapping[str, str]],
-                      data: Optional[bytes]) -> HttpReply:
-    merged: Dict[str, str] = {
-        k: v.decode("latin-1") if isinstance(v, bytes) else str(v)
-        for k, v in session.headers.items() if v is not None}
-    merged.update(headers or {})
-    try:
-        resp = pool.request(method, url, headers=merged, body=data,
-                            timeout=urllib3.Timeout(connect=connect, read=read),
-                            preload_content=False, redirect=True, retries=urllib3.Retry(
-                                total=False, redirect=5, raise_on_redirect=False))
-    except urllib3.exceptions.SSLError as exc:
-        raise HttpFailure("connection", f"TLS error talking to {url}: {exc}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        if _is_timeout(exc):
-            raise HttpFailure("timeout", f"no answer from {url} within {connect:g} s "
-                              f"(connect) / {read:g} s (read)") from exc
-        if isinstance(exc, urllib3.exceptions.LocationValueError):
-            raise HttpFailure("connection", f"invalid URL {url!r}: {exc}") from exc
-        raise HttpFailure("connection", f"cannot connect to {url}: {exc}") from exc
-    except ValueError as exc:
-        raise HttpFailure("connection", f"invalid URL {url!r}: {exc}") from exc
-    try:
-        body = _read_body(resp.headers, resp.stream(16384), urllib3.exceptions.HTTPError,
-                          url=url, max_bytes=max_bytes, started=started, budget=budget,
-                          read=read)
-        final = resp.geturl() or ""
-        # urllib3 may report only the path of the final URL: keep the absolute one.
-        final = final if "://" in final else url
-        return HttpReply(url=final, status=resp.status, headers=resp.headers, body=body)
-    finally:
-        resp.release_conn()
+    return retry.ARI_ANSWER.clamp(value)
 
 
 # ----------------------------------------------------------------------------------------
@@ -541,7 +262,7 @@ class AriClient:
                  max_wait: float = DEFAULT_MAX_WAIT,
                  total_timeout: Optional[float] = None,
                  pool_maxsize: int = 64) -> None:
-        self.timeout = _timeouts(timeout)
+        self.timeout = timeouts(timeout)
         self.rate_limiter = rate_limiter
         self.user_agent = user_agent
         self.max_wait = max_wait
@@ -623,24 +344,16 @@ class AriClient:
 
     def _get(self, url: str, deadline: Optional[float], what: str,
              max_bytes: int) -> HttpReply:
-        limiter = self.rate_limiter
-        key = key_for_url(url)
-        if limiter is not None:
-            if deadline is None:
-                deadline = limiter.now() + self.max_wait
-            if not limiter.acquire(key, deadline):
-                self._count("not_sent")
-                until = limiter.backed_off_until(key)
-                wait = max(0.0, until - limiter.now()) if until is not None else None
-                if wait is not None:
-                    msg = (f"{key} is backed off for another {wait:.0f} s after answering "
-                           "503/429 (overloaded); not asking it again until then - "
-                           "certificates are re-checked after the back-off")
-                else:
-                    msg = (f"rate limit for {key} reached and no slot free before the "
-                           "deadline; request not sent - lower the concurrency or raise "
-                           "the rate limit")
-                raise AriError("unavailable", msg, wait, url=url)
+        refused = take_slot(self.rate_limiter, url, deadline, self.max_wait)
+        if refused is not None:
+            self._count("not_sent")
+            why, wait = refused
+            if wait is not None:
+                msg = (f"{why} (overloaded); not asking it again until then - "
+                       "certificates are re-checked after the back-off")
+            else:
+                msg = f"{why}; request not sent - lower the concurrency or raise the rate limit"
+            raise AriError("unavailable", msg, wait, url=url)
         self._count(what)
         try:
             reply = http_exchange(self.session(), "GET", url, timeout=self.timeout,
@@ -682,7 +395,7 @@ class AriClient:
     def _on_unavailable(self, key: str, retry_after: Optional[float]) -> float:
         limiter = self.rate_limiter
         if retry_after is not None:
-            delay = min(MAX_UNAVAILABLE_BACKOFF, max(1.0, retry_after))
+            delay = retry.unavailable_backoff(0, retry_after)
         else:
             with self._strike_lock:
                 until = limiter.backed_off_until(key) if limiter is not None else None
@@ -692,8 +405,7 @@ class AriClient:
                 else:
                     strikes = self._strikes.get(key, 0) + 1
                     self._strikes[key] = strikes
-                    delay = min(MAX_UNAVAILABLE_BACKOFF,
-                                DEFAULT_UNAVAILABLE_BACKOFF * 2.0 ** min(strikes - 1, 20))
+                    delay = retry.unavailable_backoff(strikes, None)
         if limiter is not None:
             delay = limiter.backoff(key, delay)
         return delay

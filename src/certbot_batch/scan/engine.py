@@ -15,7 +15,6 @@ import datetime
 import logging
 import os
 import random
-import re
 import sys
 import threading
 import time
@@ -24,18 +23,20 @@ from typing import Any, Callable, Iterator, Optional
 
 from cryptography import x509
 
-from certbot_batch import links
-from certbot_batch.scan import ari, ratelimit
+from certbot_batch import links, retry
+from certbot_batch.scan import ari, ratelimit, schedule
 from certbot_batch.scan import ocsp as ocsp
-from certbot_batch.scan.state import LineageState, StateDB
+from certbot_batch.scan.state import LineageState, StateDB, link_path, link_paths
 
 logger = logging.getLogger(__name__)
 
 UTC = datetime.timezone.utc
-DEFAULT_RETRY = 6 * 3600.0
-MAX_BACKOFF = 6 * 3600.0
-# A certificate this close to expiry renews whatever ARI says (a CA's window can be wrong).
-EXPIRY_SAFETY = 24 * 3600.0
+#: A CA without ARI is asked again after this long (retry.py holds every retry number).
+DEFAULT_RETRY = retry.NO_ARI_RECHECK
+MAX_BACKOFF = retry.CHECK_BACKOFF.high
+# A certificate this close to expiry renews whatever ARI says (a CA's window can be wrong):
+# at most this long, a tenth of the lifetime for short certificates (schedule.py).
+EXPIRY_SAFETY = schedule.SAFETY_MAX
 
 
 @dataclasses.dataclass
@@ -50,6 +51,17 @@ class ScanSettings:
     rng: Optional[random.Random] = None
     #: False: certbot's --no-verify-ssl (ARI and OCSP requests do not check TLS certificates)
     verify_ssl: bool = True
+    #: seconds between two timer runs (--batch-run-interval); None: learned from the runs
+    #: recorded in the state database (schedule.py)
+    run_interval: Optional[float] = None
+    #: a person at a terminal: ARI and OCSP are asked afresh for every lineage (a revocation
+    #: the CA announced is seen at once), unless ``cached_status`` (--batch-cached-status)
+    interactive: bool = False
+    cached_status: bool = False
+
+    @property
+    def fresh(self) -> bool:
+        return self.interactive and not self.cached_status
 
 
 @dataclasses.dataclass
@@ -59,6 +71,14 @@ class ScanReport:
     ari_requests: int = 0
     ocsp_requests: int = 0
     elapsed: float = 0.0
+    #: lineage -> a bug of certbot-batch met while checking it (also in ``broken``)
+    internal_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: seconds to the next expected run (schedule.py), None when unknown
+    interval: Optional[float] = None
+    #: where the interval comes from: "--batch-run-interval", "learned" or "unknown"
+    interval_source: str = "unknown"
+    #: this run's row in the state database's runs table
+    run_id: Optional[int] = None
 
     def by_name(self) -> dict[str, LineageState]:
         index: Optional[dict[str, LineageState]] = self.__dict__.get("_by_name")
@@ -89,29 +109,10 @@ def _cert_time(cert: x509.Certificate, attr: str) -> float:
     return _ts(value)
 
 
-def fmt_time(ts: Optional[float]) -> str:
-    if ts is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+fmt_time = schedule.fmt_time
 
 
-_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-_UNITS = {"": 86400, "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-          "h": 3600, "hour": 3600, "d": 86400, "day": 86400, "w": 604800, "week": 604800,
-          "month": 30 * 86400, "mon": 30 * 86400, "y": 365 * 86400, "year": 365 * 86400}
-
-
-def parse_interval(text: str) -> Optional[float]:
-    """certbot's renew_before_expiry ("30 days", "2 weeks", "12 hours"), in seconds."""
-    m = _INTERVAL.match(text)
-    if not m:
-        return None
-    unit = m.group(2).lower()
-    if unit.endswith("s") and unit[:-1] in _UNITS:
-        unit = unit[:-1]
-    if unit not in _UNITS:
-        return None
-    return float(m.group(1)) * _UNITS[unit]
+parse_interval = schedule.parse_interval
 
 
 def _conf_value(conf: Any, key: str) -> Optional[str]:
@@ -196,48 +197,33 @@ def _cert_sig(path: str) -> str:
 
 
 def default_renewal_time(state: LineageState) -> Optional[float]:
-    """certbot's default: 2/3 of the lifetime, or 1/2 for certs living under 10 days."""
-    if state.not_before is None or state.not_after is None:
-        return None
-    lifetime = state.not_after - state.not_before
-    if lifetime < 10 * 86400:
-        return state.not_before + lifetime / 2
-    return state.not_before + lifetime * 2 / 3
+    """certbot 4.x's default: 1/3 of the lifetime left, 1/2 for certs living under 10 days."""
+    return schedule.default_renewal_time(state.not_before, state.not_after)
 
 
-def decide(state: LineageState, now: float, settings: ScanSettings) -> tuple[bool, str]:
-    """certbot's should_renew, on stored facts. Returns (due, reason)."""
+def plan(state: LineageState, now: float, settings: ScanSettings,
+         interval: Optional[float] = None, quiet: bool = False) -> schedule.Decision:
+    """certbot's should_renew on stored facts, scheduled for timer runs (schedule.py):
+    ``interval`` is the time to the next expected run."""
     if settings.force:
-        return True, "forced (--force-renewal)"
+        return schedule.Decision(True, now, "forced (--force-renewal)", "--force-renewal")
     if settings.dry_run:
-        return True, "dry run"
+        return schedule.Decision(True, now, "dry run", "dry run")
     if not state.autorenew:
-        return False, "autorenew is disabled in the renewal conf"
-    if state.not_after is None:
-        return True, "certificate unreadable"
-    if state.not_after - now <= EXPIRY_SAFETY:
-        return True, f"expires {fmt_time(state.not_after)}"
-    if state.chosen_time is not None and now >= state.chosen_time:
-        return True, (f"ARI: renewal time {fmt_time(state.chosen_time)} in window "
-                      f"{fmt_time(state.window_start)} .. {fmt_time(state.window_end)}")
-    if state.ocsp_status == "revoked":
-        return True, "revoked (OCSP)"
-    if state.renew_before_expiry:
-        interval = parse_interval(state.renew_before_expiry)
-        if interval is not None:
-            if state.not_after - interval < now:
-                return True, f"less than {state.renew_before_expiry} before expiry"
-            return False, (f"not due until {fmt_time(state.not_after - interval)} "
-                           f"(renew_before_expiry = {state.renew_before_expiry})")
-        logger.warning("Lineage %s: renew_before_expiry = %r is not an interval certbot-batch "
-                       "understands (e.g. '30 days'); using the default rule.",
-                       state.name, state.renew_before_expiry)
-    if state.chosen_time is None:
-        default = default_renewal_time(state)
-        if default is not None and now > default:
-            return True, "less than 1/3 of its lifetime left"
-        return False, f"not due until {fmt_time(default)} (default rule)"
-    return False, f"not due until {fmt_time(state.chosen_time)} (ARI)"
+        return schedule.Decision(False, None, "autorenew is disabled in the renewal conf",
+                                 "autorenew is disabled")
+    return schedule.decide(now=now, not_before=state.not_before, not_after=state.not_after,
+                           window_start=state.window_start, window_end=state.window_end,
+                           chosen_time=state.chosen_time, ocsp_status=state.ocsp_status,
+                           renew_before_expiry=state.renew_before_expiry, interval=interval,
+                           name=state.name, warn=None if quiet else logger.warning)
+
+
+def decide(state: LineageState, now: float, settings: ScanSettings,
+           interval: Optional[float] = None) -> tuple[bool, str]:
+    """(due, reason) of :func:`plan`."""
+    d = plan(state, now, settings, interval)
+    return d.due, d.reason
 
 
 class _NetResult:
@@ -263,10 +249,11 @@ class Scanner:
                                         timeout=(min(5.0, settings.timeout), settings.timeout),
                                         rate_limiter=self.limiter,
                                         user_agent=settings.user_agent)
-        self._local = threading.local()
         self.rng = settings.rng or random.Random()
         self._counts = {"ari": 0, "ocsp": 0}
         self._count_lock = threading.Lock()
+        #: lineages of the current scan whose stored row must be rewritten
+        self._dirty: set[str] = set()
 
     # -- network, in worker threads ------------------------------------------------------
     def _new_session(self) -> Any:
@@ -280,14 +267,13 @@ class Scanner:
         return sess
 
     def _session(self) -> Any:
-        sess = getattr(self._local, "session", None)
-        if sess is None:
-            sess = self._new_session()
-            sess.headers["User-Agent"] = self.settings.user_agent
-            self._local.session = sess
-        return sess
+        """The calling worker thread's session (the ARI client's pool: one per thread, for
+        ARI and OCSP alike)."""
+        return self.ari_client.session()
 
-    def _check(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> _NetResult:
+    def _check(self, state: LineageState, want_ari: bool, want_ocsp: str) -> _NetResult:
+        """ARI and/or OCSP for one lineage, in a worker thread. ``want_ocsp``: "" (no),
+        "fallback" (only when ARI gave no answer) or "always"."""
         res = _NetResult(state.name)
         cert: Optional[x509.Certificate] = None
         try:
@@ -302,11 +288,10 @@ class Scanner:
                 self._counts["ari"] += 1
             try:
                 res.ari = self.ari_client.fetch(state.server, cert)
-            except ari.AriError as exc:
+            except ari.AriError as exc:  # every failure the ARI client knows of
                 res.ari_error = exc
-            except Exception as exc:  # noqa: BLE001  (ARI must never crash the scan)
-                res.ari_error = ari.AriError("connection", f"ARI check failed: {exc}")
-        if want_ocsp and res.ari is None and state.ocsp_url:
+        if state.ocsp_url and (want_ocsp == "always"
+                               or (want_ocsp == "fallback" and res.ari is None)):
             try:
                 issuer = self._issuer(state)
                 with self._count_lock:
@@ -316,15 +301,16 @@ class Scanner:
                                       rate_limiter=self.limiter)
             except ocsp.OcspError as exc:
                 res.ocsp_error = exc
-            except Exception as exc:  # noqa: BLE001
+            except (OSError, ValueError) as exc:  # the chain file: unreadable, not PEM
                 res.ocsp_error = exc
         return res
 
     def _issuer(self, state: LineageState) -> x509.Certificate:
-        if not state.chain_path:
+        chain = link_path(state, "chain")
+        if not chain:
             raise ocsp.OcspError("malformed", f"lineage {state.name} has no chain file, so "
                                  "its OCSP response cannot be verified")
-        with open(state.chain_path, "rb") as fh:
+        with open(chain, "rb") as fh:
             return x509.load_pem_x509_certificate(fh.read())
 
     # -- applying results, in the main thread --------------------------------------------
@@ -349,23 +335,22 @@ class Scanner:
             else:
                 state.failures += 1
                 state.last_error = f"ARI: {err}"
-                backoff = min(MAX_BACKOFF, 60.0 * (2 ** min(state.failures - 1, 12)))
-                retry_after = getattr(err, "retry_after", None)
-                if retry_after:
-                    backoff = max(backoff, float(retry_after))
-                state.next_check = now + backoff * (0.9 + 0.2 * self.rng.random())
+                state.next_check = now + retry.check_backoff(
+                    state.failures, getattr(err, "retry_after", None), self.rng)
                 if kind == "bad_window":
                     state.window_start = state.window_end = state.chosen_time = None
         if res.ocsp is not None:
             state.ocsp_status = res.ocsp.status
             nxt = getattr(res.ocsp, "next_update", None)
-            horizon = now + 12 * 3600
+            # Kept until its nextUpdate, but never longer than the stated bound: a revocation
+            # the responder announces is seen within it (retry.OCSP_GOOD_MAX).
+            horizon = now + retry.OCSP_GOOD_MAX
             state.ocsp_next = min(_ts(nxt), horizon) if nxt is not None else horizon
             if state.last_error and state.last_error.startswith("OCSP"):
                 state.last_error = None
         elif res.ocsp_error is not None:
             state.ocsp_status = None
-            state.ocsp_next = now + 3600
+            state.ocsp_next = now + retry.OCSP_FAILURE_RECHECK
             if res.ari_error is None or getattr(res.ari_error, "kind", "") == "no_ari":
                 state.failures += 1  # one failed check per scan, even if ARI failed too
             msg = f"OCSP: {res.ocsp_error}"
@@ -375,11 +360,15 @@ class Scanner:
     def scan(self, conf_files: list[str], full: bool = True) -> ScanReport:
         t0 = time.monotonic()
         now = self.clock()
-        known = self.db.load_all()
+        known = self.db.load_all(for_scan=True)
         states: list[LineageState] = []
         broken: dict[str, str] = {}
+        internal: dict[str, str] = {}
         # Network checks start while the remaining confs are still being read: the reading
         # is CPU work in this thread, the checks mostly wait for the CA.
+        #: lineages whose stored row must be rewritten (a warm run rewrites only those)
+        dirty: set[str] = set()
+        self._dirty = dirty
         net = _NetworkRun(self, now)
         with _quiet_unverified(not self.settings.verify_ssl):
             try:
@@ -391,25 +380,54 @@ class Scanner:
                 net.abort()
                 raise
             net.finish()
+        dirty.update(state.name for state in net.futures.values())
+        for name, msg in net.internal_errors.items():
+            broken[name] = msg
+            internal[name] = msg
+        interval, source = self._interval(now, timer=full and not self.settings.interactive)
+        settings = self.settings
         for state in states:
             if state.name in broken:
                 continue
-            state.due, state.reason = decide(state, now, self.settings)
+            due, reason = decide(state, now, settings, interval)
+            if due != state.due or reason != state.reason:
+                state.due, state.reason = due, reason
+                dirty.add(state.name)
             state.last_scan = now
-        if not self.settings.dry_run:  # a dry run leaves the stored state as it was
-            self.db.save(states)
+        run_id = None
+        if not settings.dry_run:  # a dry run leaves the stored state as it was
+            self.db.save([s for s in states if s.name in dirty])
+            self.db.touch(now, None if full else [s.name for s in states])
             if full:
                 self.db.delete_missing({s.name for s in states})
+            trigger = "cert-name" if not full else (
+                "interactive" if settings.interactive else "timer")
+            run_id = self.db.record_run(now, trigger, len(states),
+                                        sum(1 for s in states if s.due), interval)
         return ScanReport(states=states, broken=broken, ari_requests=self._counts["ari"],
-                          ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0)
+                          ocsp_requests=self._counts["ocsp"], elapsed=time.monotonic() - t0,
+                          internal_errors=internal, interval=interval,
+                          interval_source=source, run_id=run_id)
+
+    def _interval(self, now: float, timer: bool) -> tuple[Optional[float], str]:
+        """Seconds to the next expected run, and where that comes from (this run counts when
+        a timer started it)."""
+        if self.settings.run_interval:
+            return float(self.settings.run_interval), "--batch-run-interval"
+        starts = self.db.run_starts("timer") + ([now] if timer else [])
+        learned = schedule.learned_interval(starts)
+        return (learned, "learned from the recent runs") if learned else (None, "unknown")
 
     def _read_one(self, path: str, known: dict[str, LineageState], now: float,
                   states: list[LineageState], broken: dict[str, str]
-                  ) -> Optional[tuple[LineageState, bool, bool]]:
+                  ) -> Optional[tuple[LineageState, bool, str]]:
         """Refresh one lineage's conf/cert facts; (state, want_ari, want_ocsp) when the CA
         must be asked about it."""
         name = os.path.basename(path)[:-len(".conf")]
-        state = known.get(name) or LineageState(name=name)
+        state = known.get(name)
+        if state is None:
+            state = LineageState(name=name)
+            self._dirty.add(name)
         state.conf_path = path
         states.append(state)
         try:
@@ -418,47 +436,119 @@ class Scanner:
             if conf_sig != state.conf_sig or not state.cert_path:
                 read_conf(state, path)
                 state.conf_sig = conf_sig
+                state.links_sig = ""
+                self._dirty.add(name)
             assert state.cert_path
-            # certbot's RenewableCert checks all four live/ links of a lineage on every run
-            # and calls the lineage broken when one does not resolve: so do we (a stat each).
-            for link in (state.cert_path, state.privkey_path, state.chain_path,
-                         state.fullchain_path):
-                if link and not os.path.exists(link):
-                    raise ValueError(f"{link}: No such file or directory (a broken live/ "
-                                     "link?)")
-            _repair_links(state)
+            if not _links_unchanged(state):
+                # certbot's RenewableCert checks all four live/ links of a lineage on every
+                # run and calls the lineage broken when one does not resolve: so do we, and
+                # repair links an interrupted save left on two versions. Then the
+                # directories holding the links and their targets are noted: until one of
+                # them changes (a link moved, a file added or removed), the links are as
+                # found now, and a warm run stats those directories instead.
+                for link in link_paths(state):
+                    if link and not os.path.exists(link):
+                        raise ValueError(f"{link}: No such file or directory (a broken live/ "
+                                         "link?)")
+                _repair_links(state)
+                state.links_sig = _links_sig(state)
+                self._dirty.add(name)
             cert_sig = _cert_sig(state.cert_path)
             if cert_sig != state.cert_sig or state.not_after is None:
                 state.reset_cert_facts()
                 read_cert(state)
                 state.cert_sig = cert_sig
+                self._dirty.add(name)
         except (OSError, ValueError, AssertionError) as exc:
             msg = str(exc) if not isinstance(exc, OSError) else \
                 f"{exc.strerror or exc}: {exc.filename or path}"
             broken[name] = msg
             state.conf_sig = ""  # re-read next time
             state.cert_sig = ""
+            state.links_sig = ""
             state.last_error = f"lineage {name}: {msg}"
             state.due, state.reason = True, "unreadable: certbot will report it"
+            self._dirty.add(name)
             return None
         if self.settings.force or self.settings.dry_run or not state.autorenew:
             return None
+        fresh = self.settings.fresh
         want_ari = bool(state.server and state.ari_cert_id) and (
-            state.next_check is None or state.next_check <= now)
-        want_ocsp = bool(state.ocsp_url) and state.window_start is None and (
-            state.ocsp_next is None or state.ocsp_next <= now)
+            fresh or state.next_check is None or state.next_check <= now)
+        want_ocsp = ""
+        if state.ocsp_url:
+            stale = state.ocsp_next is None or state.ocsp_next <= now
+            if fresh or (stale and state.ocsp_status is not None):
+                # A person at a terminal asks afresh; a stored answer older than the bound is
+                # asked again even when an ARI window is known.
+                want_ocsp = "always"
+            elif stale and state.window_start is None:
+                want_ocsp = "fallback"
         if want_ari or want_ocsp:
             return state, want_ari, want_ocsp
         return None
+
+
+def _links_sig(state: LineageState) -> str:
+    """The directories holding the lineage's four links and the files they point at, each
+    with its inode and mtime: "DIR|INO:MTIME_NS" joined by newlines, DIR written "L" for the
+    directory of the cert link and "A" for certbot's archive directory of the lineage (most
+    lineages: "L|..." and "A|...", a few bytes per lineage in a warm run's memory)."""
+    dirs = set()
+    for link in link_paths(state):
+        if not link:
+            continue
+        dirs.add(os.path.dirname(link))
+        target = links._target(link)  # noqa: SLF001  (our own module)
+        if target is not None:
+            dirs.add(os.path.dirname(target))
+    live, archive = _standard_dirs(state)
+    parts = []
+    for d in sorted(dirs):
+        st = os.stat(d)
+        short = "L" if d == live else ("A" if d == archive else d)
+        parts.append(f"{short}|{st.st_ino}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def _standard_dirs(state: LineageState) -> tuple[str, str]:
+    """live/NAME (the cert link's directory) and certbot's archive/NAME next to it (plain
+    string slicing: a warm run computes it for every lineage; a path it gets wrong only
+    costs that lineage a full check)."""
+    cert = state.cert_path or ""
+    live = cert[:cert.rfind("/")]
+    config = live[:live[:live.rfind("/")].rfind("/")]
+    return live, f"{config}/archive/{state.name}"
+
+
+def _links_unchanged(state: LineageState) -> bool:
+    """Is every directory of the stored :func:`_links_sig` as it was (one stat each)?"""
+    sig = state.links_sig
+    if not sig:
+        return False
+    standard: Optional[tuple[str, str]] = None
+    for part in sig.split("\n"):
+        path, _, stamp = part.rpartition("|")
+        if path in ("L", "A"):
+            standard = standard or _standard_dirs(state)
+            path = standard[0] if path == "L" else standard[1]
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if f"{st.st_ino}:{st.st_mtime_ns}" != stamp:
+            return False
+    return True
 
 
 def _repair_links(state: LineageState) -> None:
     """A lineage whose live/ links an interrupted save left on two versions is repaired
     here, as certbot's own renew would (its RenewableCert does it for every lineage it
     loads; the session loads only the due ones): before anything reloads a server."""
+    cert, privkey, chain, fullchain = link_paths(state)
     lineage = links.Lineage(state.name, {
-        "cert": str(state.cert_path), "privkey": str(state.privkey_path),
-        "chain": str(state.chain_path), "fullchain": str(state.fullchain_path)})
+        "cert": str(cert), "privkey": str(privkey), "chain": str(chain),
+        "fullchain": str(fullchain)})
     if links.quick_problem(lineage) is None:
         return
     outcome = links.ensure_consistent(lineage)
@@ -495,8 +585,10 @@ class _NetworkRun:
         self.now = now
         self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.futures: dict[concurrent.futures.Future[_NetResult], LineageState] = {}
+        #: lineage -> the bug that made its check fail (never a decision of ours)
+        self.internal_errors: dict[str, str] = {}
 
-    def submit(self, state: LineageState, want_ari: bool, want_ocsp: bool) -> None:
+    def submit(self, state: LineageState, want_ari: bool, want_ocsp: str) -> None:
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=max(1, self.scanner.settings.workers),
@@ -521,10 +613,18 @@ class _NetworkRun:
                 state = self.futures[fut]
                 try:
                     scanner._apply(state, fut.result(), now)
-                except Exception as exc:  # noqa: BLE001  (one lineage never stops the scan)
-                    state.failures += 1
-                    state.last_error = f"status check failed: {exc}"
-                    state.next_check = now + 300
+                except Exception as exc:  # noqa: BLE001  (a bug: see below)
+                    # Every failure the checks expect is a result (AriError, OcspError, an
+                    # unreadable file); what is left is a bug of ours. It must not become a
+                    # decision: the traceback goes to the log, and the lineage is handed to
+                    # certbot's own loop as an unreadable one (certbot decides for it, as
+                    # stock), and the run's exit status says so.
+                    logger.error("certbot-batch: internal error while checking lineage %s; "
+                                 "certbot decides for it itself", state.name, exc_info=True)
+                    msg = f"certbot-batch internal error: {type(exc).__name__}: {exc}"
+                    self.internal_errors[state.name] = msg
+                    state.last_error = msg
+                    state.due, state.reason = True, "internal error: certbot decides"
                 done += 1
                 if progress and time.monotonic() - last_progress > 1.0:
                     last_progress = time.monotonic()

@@ -18,12 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from certbot_batch.scan.ari import (
+from certbot_batch import retry
+from certbot_batch.scan.http import (
     DEFAULT_MAX_WAIT,
     DEFAULT_USER_AGENT,
     HttpFailure,
     Timeout,
     http_exchange,
+    take_slot,
 )
 from certbot_batch.scan.ratelimit import RateLimiter, key_for_url
 
@@ -48,7 +50,7 @@ OCSP_KINDS = ("timeout", "http", "malformed", "bad_signature", "unauthorized", "
 CLOCK_SKEW = timedelta(minutes=5)
 
 #: Back-off after a 503/429 from an OCSP responder that gives no Retry-After.
-DEFAULT_UNAVAILABLE_BACKOFF = 60.0
+DEFAULT_UNAVAILABLE_BACKOFF = retry.UNAVAILABLE_START
 
 MAX_OCSP_BYTES = 256 << 10
 
@@ -174,16 +176,13 @@ def check(cert: x509.Certificate, issuer: x509.Certificate, url: str, *,
                         f"{cert.serial_number:#x}: {exc}", url=url) from exc
 
     key = key_for_url(url)
-    if rate_limiter is not None:
-        if deadline is None:
-            deadline = rate_limiter.now() + max_wait
-        if not rate_limiter.acquire(key, deadline):
-            until = rate_limiter.backed_off_until(key)
-            wait = max(0.0, until - rate_limiter.now()) if until is not None else None
-            how_long = f"for another {wait:.0f} s " if wait is not None else ""
-            raise OcspError("unavailable", f"OCSP responder {key} is backed off {how_long}"
-                            "(it answered 503/429 or the rate limit is exhausted); request "
-                            "not sent, the certificate is re-checked later", wait, url=url)
+    refused = take_slot(rate_limiter, url, deadline, max_wait)
+    if refused is not None:
+        _, wait = refused
+        how_long = f"for another {wait:.0f} s " if wait is not None else ""
+        raise OcspError("unavailable", f"OCSP responder {key} is backed off {how_long}"
+                        "(it answered 503/429 or the rate limit is exhausted); request "
+                        "not sent, the certificate is re-checked later", wait, url=url)
 
     headers = {"Content-Type": "application/ocsp-request",
                "Accept": "application/ocsp-response"}

@@ -12,13 +12,14 @@ are injectable, so tests can drive the limiter with a fake clock and never reall
 """
 from __future__ import annotations
 
-import email.utils
 import math
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Callable, Dict, Optional
 from urllib.parse import urlsplit
+
+# parse_retry_after is part of this module's interface (one implementation: retry.py).
+from certbot_batch.retry import LIMITER, parse_retry_after
 
 __all__ = [
     "MIN_BACKOFF",
@@ -28,9 +29,9 @@ __all__ = [
     "parse_retry_after",
 ]
 
-#: Bounds applied to every back-off (seconds).
-MIN_BACKOFF = 1.0
-MAX_BACKOFF = 86400.0
+#: Bounds applied to every back-off (seconds): certbot_batch.retry.LIMITER.
+MIN_BACKOFF = LIMITER.low
+MAX_BACKOFF = LIMITER.high
 
 _EPSILON = 1e-9
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -58,43 +59,6 @@ def key_for_url(url: str) -> str:
     if port is not None and _DEFAULT_PORTS.get(scheme) != port:
         return f"{scheme}://{host.lower()}:{port}"
     return f"{scheme}://{host.lower()}"
-
-
-def parse_retry_after(value: Optional[str], now: datetime) -> Optional[float]:
-    """Seconds to wait according to a ``Retry-After`` header value.
-
-    Supports both forms of RFC 9110 section 10.2.3: delta-seconds (``"120"``) and an
-    HTTP-date (``"Wed, 21 Oct 2015 07:28:00 GMT"``).  ``now`` is the current wall-clock
-    time (aware; a naive value is taken as UTC) used for the HTTP-date form.  Returns
-    ``None`` for a missing or unparseable value; a date in the past gives ``0.0``.
-    No clamping is done here: callers apply their own bounds.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    if text.isdigit():
-        return float(int(text))
-    try:
-        seconds = float(text)  # lenient: "1.5", tolerated although not in the RFC
-    except ValueError:
-        pass
-    else:
-        if math.isfinite(seconds):
-            return max(0.0, seconds)
-        return None
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:  # pragma: no cover - older Pythons returned None
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - now).total_seconds())
 
 
 class _Bucket:
@@ -200,9 +164,7 @@ class RateLimiter:
         An existing, longer back-off is kept.  Returns the clamped number of seconds.
         Waiting threads are woken up so that those whose deadline comes first can give up.
         """
-        if math.isnan(seconds):
-            seconds = MIN_BACKOFF
-        seconds = min(MAX_BACKOFF, max(MIN_BACKOFF, float(seconds)))
+        seconds = LIMITER.clamp(seconds)
         key = key_for_url(key)
         with self._cond:
             now = self.clock()

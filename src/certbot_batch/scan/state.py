@@ -13,7 +13,7 @@ import operator
 import os
 import sqlite3
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +22,17 @@ SCHEMA_VERSION = 2
 LOCK_TIMEOUT = 5.0
 
 
-@dataclasses.dataclass
+# slots: a warm run holds one of these per lineage (50,000 and more); without a __dict__
+# each costs a fifth of the memory.
+@dataclasses.dataclass(slots=True)
 class LineageState:
     name: str
     conf_path: str = ""
     conf_sig: str = ""          # "mtime_ns:size" of the renewal conf
     cert_sig: str = ""          # "realpath:ino:size:mtime_ns" of the cert file
+    #: the directories holding the live/ links and their archive files, with their inode
+    #: and mtime when the links were last found consistent ("" = check them again)
+    links_sig: str = ""
     # From the renewal conf.
     server: Optional[str] = None
     authenticator: Optional[str] = None
@@ -84,22 +89,75 @@ _BOOL_FIELDS = {"autorenew", "due"}
 # value and took 2 of the 3.7 s of a warm 50,000-lineage run).
 _ROW = operator.attrgetter(*_FIELDS)
 _BOOL_INDEXES = tuple(i for i, f in enumerate(_FIELDS) if f in _BOOL_FIELDS)
+_INT_INDEXES = tuple(i for i, f in enumerate(_FIELDS) if f in ("failures", "renew_failures"))
+_TEXT_INDEXES = tuple(i for i, f in enumerate(_FIELDS)
+                      if f in ("names", "conf_path", "conf_sig", "cert_sig", "links_sig",
+                               "reason"))
+#: Columns whose values repeat across lineages: one copy each in memory.
+_SHARED_INDEXES = tuple(i for i, f in enumerate(_FIELDS)
+                        if f in ("server", "authenticator", "installer", "renew_before_expiry",
+                                 "ocsp_url", "ocsp_status", "reason", "issued_by",
+                                 "last_error"))
+
+
+_LINK_INDEXES = tuple((_FIELDS.index(f"{k}_path"), k) for k in ("chain", "privkey", "fullchain"))
+
+
+def link_path(state: LineageState, kind: str) -> Optional[str]:
+    """The lineage's ``kind`` link ("cert", "chain", "privkey", "fullchain"): "" in a warm
+    scan's state means certbot's own layout, next to cert.pem."""
+    value: Optional[str] = getattr(state, f"{kind}_path")
+    if value == "" and state.cert_path:
+        return os.path.join(os.path.dirname(state.cert_path), f"{kind}.pem")
+    return value
+
+
+def link_paths(state: LineageState) -> tuple[Optional[str], ...]:
+    """cert, privkey, chain, fullchain (certbot's order of checks)."""
+    return (state.cert_path, link_path(state, "privkey"), link_path(state, "chain"),
+            link_path(state, "fullchain"))
+
+
+def _sql_literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _column(name: str) -> str:
+    if name == "name":
+        return "name TEXT PRIMARY KEY"
+    if name in _BOOL_FIELDS or name in ("failures", "renew_failures"):
+        return f"{name} INTEGER"
+    if name in ("not_before", "not_after", "window_start", "window_end", "chosen_time",
+                "next_check", "ocsp_next", "last_scan", "last_renewed", "renew_failing_since",
+                "renew_next_attempt"):
+        return f"{name} REAL"
+    return f"{name} TEXT"
 
 
 def _ddl() -> str:
-    cols = []
-    for f in dataclasses.fields(LineageState):
-        if f.name == "name":
-            cols.append("name TEXT PRIMARY KEY")
-        elif f.name in _BOOL_FIELDS or f.name in ("failures", "renew_failures"):
-            cols.append(f"{f.name} INTEGER")
-        elif f.name in ("not_before", "not_after", "window_start", "window_end",
-                        "chosen_time", "next_check", "ocsp_next", "last_scan", "last_renewed",
-                        "renew_failing_since", "renew_next_attempt"):
-            cols.append(f"{f.name} REAL")
-        else:
-            cols.append(f"{f.name} TEXT")
-    return f"CREATE TABLE IF NOT EXISTS lineage ({', '.join(cols)})"
+    return f"CREATE TABLE IF NOT EXISTS lineage ({', '.join(_column(f) for f in _FIELDS)})"
+
+
+#: The runs of the renewal engine (the cadence of timer runs is learned from them).
+RUNS_DDL = ("CREATE TABLE IF NOT EXISTS runs (started REAL NOT NULL, trigger TEXT NOT NULL, "
+            "lineages INTEGER, due INTEGER, renewed INTEGER, interval REAL)")
+#: Runs kept (the cadence needs a dozen; the rest is history for people).
+RUNS_KEPT = 500
+
+
+class RunRecord(NamedTuple):
+    started: float
+    trigger: str
+    lineages: int
+    due: int
+    renewed: Optional[int]
+    interval: Optional[float]
 
 
 def _kind(exc: BaseException) -> str:
@@ -184,9 +242,13 @@ class StateDB:
             conn.execute("DROP TABLE IF EXISTS lineage")
         conn.execute(_ddl())
         cols = {r[1] for r in conn.execute("PRAGMA table_info(lineage)")}
-        if set(_FIELDS) - cols:
-            conn.execute("DROP TABLE lineage")
-            conn.execute(_ddl())
+        for name in _FIELDS:
+            # A column a newer release added: added in place, the cached state is kept.
+            if name not in cols:
+                conn.execute(f"ALTER TABLE lineage ADD COLUMN {_column(name)}")
+        conn.execute(RUNS_DDL)
+        if "interval" not in {r[1] for r in conn.execute("PRAGMA table_info(runs)")}:
+            conn.execute("ALTER TABLE runs ADD COLUMN interval REAL")
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         row = conn.execute("PRAGMA quick_check").fetchone()
         if row is None or row[0] != "ok":
@@ -214,9 +276,38 @@ class StateDB:
             logger.warning("certbot-batch: could not write the state database %s (%s); "
                            "the run goes on without saving its state there.", self.path, exc)
 
-    def load_all(self) -> dict[str, LineageState]:
+    def _select_all(self, for_scan: bool) -> sqlite3.Cursor:
+        if self.readonly:
+            # `status` on a database an older release wrote: the columns it has, the
+            # defaults for the others.
+            have = {r[1] for r in self.conn.execute("PRAGMA table_info(lineage)")}
+            defaults = {f.name: f.default for f in dataclasses.fields(LineageState)}
+            cols = [f if f in have else _sql_literal(defaults[f]) for f in _FIELDS]
+        else:
+            cols = list(_FIELDS)
+        # NULLs of the text and count columns replaced in SQL, not per row in Python.
+        for i in _TEXT_INDEXES:
+            cols[i] = f"IFNULL({cols[i]}, '')"
+        for i in _INT_INDEXES:
+            cols[i] = f"IFNULL({cols[i]}, 0)"
+        if for_scan:
+            # The scan sets conf_path from the file it reads: no second copy of each path.
+            cols[_FIELDS.index("conf_path")] = "''"
+            # certbot's own layout (chain.pem & co. next to cert.pem): "" in memory, the path
+            # derived where it is needed (link_path()); three paths less per lineage.
+            for kind in ("chain", "privkey", "fullchain"):
+                col = f"{kind}_path"
+                cols[_FIELDS.index(col)] = (
+                    f"CASE WHEN cert_path LIKE '%/cert.pem' AND {col} = "
+                    f"substr(cert_path, 1, length(cert_path) - 8) || '{kind}.pem' "
+                    f"THEN '' ELSE {col} END")
+        # A cursor, not fetchall(): rows become states one at a time (peak memory).
+        return self.conn.execute(f"SELECT {', '.join(cols)} FROM lineage")
+
+    def load_all(self, for_scan: bool = False) -> dict[str, LineageState]:
+        """Every row, as states. ``for_scan``: the scan's load (conf_path left empty)."""
         try:
-            rows = self.conn.execute(f"SELECT {', '.join(_FIELDS)} FROM lineage").fetchall()
+            return self._states(self._select_all(for_scan))
         except sqlite3.Error as exc:
             if self.readonly:
                 raise
@@ -231,19 +322,24 @@ class StateDB:
                 self.conn = self._memory(f"locked by another process ({exc})"
                                          if kind == "busy" else f"not usable ({exc})")
             return {}
+
+    def _states(self, rows: Iterable[tuple[Any, ...]]) -> dict[str, LineageState]:
+        # Positional construction and one shared copy of each repeated string (server URL,
+        # plugins, OCSP URL, reasons): a warm run builds one state per lineage from here.
         out: dict[str, LineageState] = {}
+        shared: dict[Any, Any] = {}
+        intern = shared.setdefault
+        make = LineageState
+        bools, common = _BOOL_INDEXES, _SHARED_INDEXES
         for row in rows:
-            values: dict[str, Any] = dict(zip(_FIELDS, row))
-            for b in _BOOL_FIELDS:
-                values[b] = bool(values[b])
-            values["failures"] = int(values["failures"] or 0)
-            values["renew_failures"] = int(values["renew_failures"] or 0)
-            values["names"] = values["names"] or ""
-            values["conf_path"] = values["conf_path"] or ""
-            values["conf_sig"] = values["conf_sig"] or ""
-            values["cert_sig"] = values["cert_sig"] or ""
-            values["reason"] = values["reason"] or ""
-            out[values["name"]] = LineageState(**values)
+            values = list(row)
+            for i in bools:
+                values[i] = bool(values[i])
+            for i in common:
+                value = values[i]
+                if value is not None:
+                    values[i] = intern(value, value)
+            out[values[0]] = make(*values)
         return out
 
     def save(self, states: Iterable[LineageState]) -> None:
@@ -252,12 +348,24 @@ class StateDB:
             row = list(_ROW(s))
             for i in _BOOL_INDEXES:
                 row[i] = int(row[i])
+            for i, kind in _LINK_INDEXES:
+                if row[i] == "":
+                    row[i] = link_path(s, kind)
             rows.append(row)
         if not rows:
             return
         sql = (f"INSERT OR REPLACE INTO lineage ({', '.join(_FIELDS)}) "
                f"VALUES ({', '.join('?' for _ in _FIELDS)})")
         self._write(sql, rows)
+
+    def touch(self, when: float, names: Optional[Iterable[str]] = None) -> None:
+        """``last_scan`` of every row (``names`` None: a full scan) in one statement: a warm
+        run rewrites only the rows whose facts changed (:meth:`save`)."""
+        if names is None:
+            self._write("UPDATE lineage SET last_scan=?", [(when,)])
+        else:
+            self._write("UPDATE lineage SET last_scan=? WHERE name=?",
+                        [(when, n) for n in names])
 
     def _write(self, sql: str, rows: list[Any]) -> None:
         try:
@@ -276,6 +384,49 @@ class StateDB:
         gone = [(n,) for n in names if n not in present]
         if gone:
             self._write("DELETE FROM lineage WHERE name=?", gone)
+
+    # -- runs ----------------------------------------------------------------------------
+    def record_run(self, started: float, trigger: str, lineages: int, due: int,
+                   interval: Optional[float] = None) -> Optional[int]:
+        """Note that a run started (its scan is done); returns its id for :meth:`finish_run`.
+        ``interval``: the time to the next run it expected."""
+        try:
+            with self.conn:
+                cur = self.conn.execute(
+                    "INSERT INTO runs (started, trigger, lineages, due, interval) "
+                    "VALUES (?, ?, ?, ?, ?)", (started, trigger, lineages, due, interval))
+                self.conn.execute(
+                    "DELETE FROM runs WHERE rowid <= (SELECT MAX(rowid) FROM runs) - ?",
+                    (RUNS_KEPT,))
+                return cur.lastrowid
+        except sqlite3.Error as exc:
+            self._write_failed(exc)
+            return None
+
+    def finish_run(self, run_id: Optional[int], renewed: int) -> None:
+        if run_id is not None:
+            self._write("UPDATE runs SET renewed=? WHERE rowid=?", [(renewed, run_id)])
+
+    def run_starts(self, trigger: str, limit: int = 50) -> list[float]:
+        """Start times of the most recent runs of that trigger, oldest first."""
+        try:
+            rows = self.conn.execute(
+                "SELECT started FROM runs WHERE trigger=? ORDER BY rowid DESC LIMIT ?",
+                (trigger, limit)).fetchall()
+        except sqlite3.Error:
+            return []  # an old read-only database without the table: no cadence known
+        return sorted(float(r[0]) for r in rows)
+
+    def recent_runs(self, limit: int = 20) -> list[RunRecord]:
+        """The most recent runs, newest first."""
+        try:
+            rows = self.conn.execute(
+                "SELECT started, trigger, lineages, due, renewed, interval FROM runs "
+                "ORDER BY rowid DESC LIMIT ?", (limit,)).fetchall()
+        except sqlite3.Error:
+            return []
+        return [RunRecord(float(a), str(b), int(c or 0), int(d or 0), e, f)
+                for a, b, c, d, e, f in rows]
 
     def mark_renewed(self, name: str, when: float, issued_by: Optional[str] = None) -> None:
         """A renewal succeeded: the cert facts are re-read next time, the backoff ends."""

@@ -29,12 +29,12 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from certbot import errors
 
+from certbot_batch import run
 from certbot_batch.servers.base import POLL, Endpoint, Server, ServerRef, Snapshot, pid_alive
 
 logger = logging.getLogger(__name__)
@@ -545,19 +545,16 @@ def _accepting_worker(pid: int) -> bool:
 
 # -- the configtest before any CA contact ---------------------------------------------------
 
-_preflight_lock = threading.Lock()
-_preflight: dict[str, Optional[str]] = {}
-
-
 def preflight_problem(server: NginxServer) -> Optional[str]:
     """``nginx -t`` once per instance and process (a command): why it fails, or None."""
-    with _preflight_lock:
-        if server.ref.key not in _preflight:
+    cache = run.PROCESS.preflight
+    with run.PROCESS.preflight_lock:  # (a configtest takes seconds: not the common lock)
+        if server.ref.key not in cache:
             try:
                 server.configtest()
-                _preflight[server.ref.key] = None
+                cache[server.ref.key] = None
             except errors.Error as exc:
-                _preflight[server.ref.key] = (
+                cache[server.ref.key] = (
                     f"nginx's configuration is broken already {server.where()}: {exc}. "
                     "Fix it (nginx -t) and run certbot again.")
-        return _preflight[server.ref.key]
+        return cache[server.ref.key]
