@@ -8,8 +8,11 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
+import certbot_batch
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "src" / "certbot_batch"
+#: the package as it is imported (the source tree, or a distribution's build directory)
+PACKAGE = Path(certbot_batch.__file__).resolve().parent
 #: the run model: the one module that may hold process-wide state
 RUN_MODEL = "certbot_batch.run"
 
