@@ -41,7 +41,7 @@ from tests.bed import farm, hiding  # noqa: E402
 from tests.bed.apache import Apache  # noqa: E402
 from tests.bed.certbots import Certbot  # noqa: E402
 from tests.bed.pebble import Pebble  # noqa: E402
-from tests.bed.responder import Responder  # noqa: E402
+from tests.bed.responder import Responder, window_policy  # noqa: E402
 
 WAVE = re.compile(r"certbot-batch: (\d+) lineage\(s\) validated and issued, (\d+) failed, in "
                   r"[\d.]+ s \((\d+) provisioning action\(s\)")
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, base: Path) -> int:
         ca = farm.FarmCA.create("Mass Renewal Benchmark")
         # Every certificate: its window ended yesterday (a mass "renew now").
         responder = Responder(ca, acme_directory=directory,
-                              policy=lambda cert_id: PAST).start()
+                              policy=window_policy(*PAST)).start()
         try:
             via = Via(responder.directory_url, pebble.ca_bundle)
             env = {"REQUESTS_CA_BUNDLE": str(pebble.ca_bundle)}

@@ -362,9 +362,16 @@ class Apache:
                    and ports.is_listening(self.https_port), "Apache to listen")
 
     def reload(self) -> None:
-        """Graceful reload (not counted) and wait until the HTTP port answers again."""
+        """Graceful reload (not counted); waits until the HTTP port answers again and every
+        child of the old generation is gone (they would serve the old configuration)."""
+        old = self._children()
         self.apache2ctl("graceful")
-        self._wait(lambda: ports.is_listening(self.http_port), "Apache after reload")
+        self._wait(lambda: ports.is_listening(self.http_port) and not (old & self._children()),
+                   "Apache's old children after reload")
+
+    def _children(self) -> set[int]:
+        master = self.pid()
+        return {p for p in self._own_processes() if p != master}
 
     def _own_processes(self) -> list[int]:
         """Every apache2 process started on this root (pid file or not)."""
@@ -470,15 +477,20 @@ class Apache:
                       timeout: float = 20.0) -> x509.Certificate:
         """Poll until ``expected`` is served for ``name`` (a graceful reload takes a moment);
         returns the last served certificate either way."""
+        # Until a graceful reload's new generation answers, old children may still serve the
+        # port without TLS (WRONG_VERSION_NUMBER, an OSError): poll through that too.
         deadline = time.monotonic() + timeout
-        served = self.served_cert(name)
-        while served != expected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while True:
             try:
                 served = self.served_cert(name)
             except OSError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
                 continue
-        return served
+            if served == expected or time.monotonic() >= deadline:
+                return served
+            time.sleep(0.05)
 
     def get(self, path: str, host: str = "localhost", timeout: float = 5.0) -> tuple[int, bytes]:
         """Plain HTTP GET on the HTTP port: (status, body)."""

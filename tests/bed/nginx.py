@@ -347,14 +347,17 @@ class Nginx:
         """Poll until ``expected`` is served for ``name`` (old workers finish their
         connections after a reload); returns the last served certificate either way."""
         deadline = time.monotonic() + timeout
-        served = self.served_cert(name)
-        while served != expected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while True:
             try:
                 served = self.served_cert(name)
             except OSError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
                 continue
-        return served
+            if served == expected or time.monotonic() >= deadline:
+                return served
+            time.sleep(0.05)
 
     def get(self, path: str, host: str = "localhost", timeout: float = 5.0) -> tuple[int, bytes]:
         """Plain HTTP GET on the HTTP port: (status, body)."""
