@@ -60,11 +60,14 @@ def _plugins(conf: Path) -> tuple[Optional[str], Optional[str]]:
 def _one(setup: str, mode: str, args: argparse.Namespace, base: Path,
          checks: list[str]) -> dict[str, Any]:
     authenticator, installer = SETUPS[setup]
+    # No "+" in paths: a2enmod (run by certbot's Apache authenticator) matches its module
+    # directory as a regular expression and then finds no module.
+    tag = setup.replace("+", "-")
     standalone_port = ports.free_port() if authenticator == "standalone" else None
-    with Apache(base / f"{setup}-{mode}-apache") as apache, \
+    with Apache(base / f"{tag}-{mode}-apache") as apache, \
             Pebble(standalone_port or apache.http_port, va_sleeptime=args.sleeptime,
-                   authz_reuse=0, base_dir=base / f"{setup}-{mode}-pebble") as pebble:
-        bot = Certbot(args.flavour, base / f"{setup}-{mode}", pebble, env_extra=apache.env())
+                   authz_reuse=0, base_dir=base / f"{tag}-{mode}-pebble") as pebble:
+        bot = Certbot(args.flavour, base / f"{tag}-{mode}", pebble, env_extra=apache.env())
         bot.register()
         extra: dict[str, str] = {}
         if "apache" in (authenticator, installer):
@@ -73,6 +76,10 @@ def _one(setup: str, mode: str, args: argparse.Namespace, base: Path,
                           "apache_logs_root": str(apache.log_dir),
                           "apache_challenge_location": str(apache.challenge_location),
                           "apache_ctl": str(apache.ctl)})
+        if authenticator == "apache":
+            # certbot's Apache authenticator looks for the vhosts on http01_port (80 by
+            # default); the private Apache listens elsewhere.
+            extra["http01_port"] = str(apache.http_port)
         if standalone_port:
             extra.update({"http01_port": str(standalone_port),
                           "http01_address": "127.0.0.1"})
@@ -90,7 +97,7 @@ def _one(setup: str, mode: str, args: argparse.Namespace, base: Path,
         cmd = bot.command("renew", "--force-renewal",
                           *(["--batch-engine"] if mode == "ours" else []))
         if mode == "stock":
-            hidden = hiding.without_certbot_batch(bot.python, base / f"{setup}-mirror")
+            hidden = hiding.without_certbot_batch(bot.python, base / f"{tag}-mirror")
             cmd[2] = hiding.prelude(hidden) + cmd[2]
         t0 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=bot.env(),
