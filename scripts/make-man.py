@@ -57,6 +57,9 @@ def _metavar(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
+    note = getattr(_modules()[1], "DEFAULT_NOTES", {}).get(action.dest)
+    if note:
+        return str(note)
     if action.nargs == 0:
         return "on" if action.default else "off"
     if action.default is None:

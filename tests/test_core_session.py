@@ -276,3 +276,18 @@ def test_seam_hooks_of_the_session(harness: Harness) -> None:
     threading.Thread(target=lambda: (session.failed_authorizations(["x"]), done.set())).start()
     assert done.wait(10)
     assert record.detail == "hooks0.test: unauthorized: 404"
+
+
+@pytest.mark.parametrize("server,given,rate", [
+    ("https://acme-v02.api.letsencrypt.org/directory", None, 100.0),
+    ("https://acme-staging-v02.api.letsencrypt.org/directory", None, 20.0),  # --dry-run
+    ("https://acme-staging-v02.api.letsencrypt.org/directory", 50.0, 50.0),  # asked for
+    ("https://ca.internal:14000/dir", None, 100.0),
+    (None, None, 100.0),
+])
+def test_acme_rate_default_follows_the_ca(tmp_path: Path, server: Optional[str],
+                                          given: Optional[float], rate: float) -> None:
+    """Let's Encrypt's staging CA (where --dry-run goes) allows one IP 20 requests/s: a
+    dry run of thousands of lineages is paced to it unless --batch-acme-rate says more."""
+    s = fakes.session(tmp_path, server=server, batch_acme_rate=given)
+    assert s.run.pacer.limiter.rate == rate

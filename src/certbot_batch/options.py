@@ -47,13 +47,13 @@ def _add(parser: Any) -> None:
              "in $CERTBOT_BATCH_MANIFEST. Executables in renewal-hooks/batch-deploy/ run "
              "the same way.")
     parser.add_argument(
-        "--batch-acme-rate", dest="batch_acme_rate", type=float, default=100.0,
+        "--batch-acme-rate", dest="batch_acme_rate", type=float, default=None,
         help="Maximum ACME requests per second to one CA while renewing (new-order, "
              "authorizations, challenges, finalize, downloads); a 503 or 429 answer pauses "
              "the requests to that endpoint of the CA (new-order, new-nonce, or the rest) "
              "for its Retry-After, and an endpoint refusing for 2 minutes is not asked "
-             "again in the run. (default: 100; Let's Encrypt allows 250 per IP, 20 on "
-             "staging)")
+             "again in the run. (default: 100, and 20 on Let's Encrypt's staging CA, where "
+             "--dry-run goes: it allows one IP 20; production allows 250)")
     parser.add_argument(
         "--batch-fallback-server", dest="batch_fallback_server", default=None,
         metavar="URL",
@@ -89,6 +89,10 @@ def _add(parser: Any) -> None:
         help="When another certbot run holds certbot's lock, say so in one line and exit 0 "
              "instead of failing (for frequent timer or cron runs).")
 
+
+#: What the man page and README say for options whose default depends on the run
+#: (argparse's default is then None).
+DEFAULT_NOTES = {"batch_acme_rate": "100; 20 on Let's Encrypt's staging CA"}
 
 #: (option, attribute, minimum, whether the minimum itself is allowed)
 _BOUNDS = (

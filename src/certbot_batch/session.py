@@ -278,7 +278,8 @@ class RenewalSession:
             db=StateDB(paths.state_db_path(config)),
             ledger=ledger.Ledger(config),
             pacer=pacing.AcmePacer(
-                rate=float(getattr(config, "batch_acme_rate", None) or pacing.DEFAULT_RATE)),
+                rate=float(getattr(config, "batch_acme_rate", None) or
+                           pacing.default_rate(getattr(config, "server", None)))),
             deploy=reload.DeployRun(),
             pending=pending.PendingDeployments(config))
 
