@@ -923,11 +923,20 @@ def test_replacing_hooks_same_name_in_two_lineages_at_least_stock(bed: DnsBed) -
     text = out(proc)
     assert proc.returncode == 0, text
     assert "Traceback" not in text
-    assert performs(proc) == [("manual", 3, 3), ("manual", 3, 3)], performs(proc)
     for name in apex + wild:
         assert bed.renewed_by_pebble(name), name
-    for i in range(3):
-        assert bed.validations(f"rep{i}.test") == 2  # apex and wildcard, once each
+    # pebble reuses a valid authorization about 1 % of the time even with reuse set to 0
+    # (tests/bed/pebble.py), and the dry run just made some: a lineage whose order came back
+    # already valid performs nothing. Counted from pebble's side, not ours.
+    validated = [bed.validations(f"rep{i}.test") for i in range(3)]
+    assert all(1 <= v <= 2 for v in validated), validated  # apex and wildcard, at most once
+    reused = 6 - sum(validated)
+    rounds = performs(proc)
+    if reused == 0:
+        assert rounds == [("manual", 3, 3), ("manual", 3, 3)], rounds
+    else:
+        assert len(rounds) == 2 and all(c == n <= 3 for _, c, n in rounds), rounds
+        assert sum(n for _, _, n in rounds) == 6 - reused, (rounds, validated)
     # Never two lineages' records of one name at a time: per name, auth and cleanup
     # alternate, each cleanup removing what the auth before it set.
     up: dict[str, str] = {}
@@ -939,7 +948,7 @@ def test_replacing_hooks_same_name_in_two_lineages_at_least_stock(bed: DnsBed) -
             up[domain] = value
         else:
             assert up.pop(domain) == value, calls
-    assert not up and len(calls) == 12, calls
+    assert not up and len(calls) == 2 * (6 - reused), calls
     assert no_deactivation(bed)
     assert bed.bind.txt_records() == []
     assert bed.journal_files() == []
