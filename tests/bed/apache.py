@@ -48,8 +48,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import tempfile
 import time
@@ -59,7 +57,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from cryptography import x509
 
-from tests.bed import certs, ports
+from tests.bed import certs, ports, tls
 
 APACHE2CTL = "/usr/sbin/apache2ctl"
 SYSTEM_CONFDIR = Path("/etc/apache2")
@@ -463,34 +461,16 @@ class Apache:
 
     def served_cert(self, name: str, timeout: float = 5.0) -> x509.Certificate:
         """The leaf certificate served on the HTTPS port for SNI ``name``."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        with socket.create_connection(("127.0.0.1", self.https_port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=name) as tls:
-                der = tls.getpeercert(binary_form=True)
-        if not der:
+        cert = tls.served_leaf(self.https_port, name, timeout)
+        if cert is None:
             raise ApacheError(f"no certificate served for {name}")
-        return x509.load_der_x509_certificate(der)
+        return cert
 
     def wait_for_cert(self, name: str, expected: x509.Certificate,
                       timeout: float = 20.0) -> x509.Certificate:
-        """Poll until ``expected`` is served for ``name`` (a graceful reload takes a moment);
-        returns the last served certificate either way."""
-        # Until a graceful reload's new generation answers, old children may still serve the
-        # port without TLS (WRONG_VERSION_NUMBER, an OSError): poll through that too.
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                served = self.served_cert(name)
-            except OSError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-                continue
-            if served == expected or time.monotonic() >= deadline:
-                return served
-            time.sleep(0.05)
+        """Poll until ``expected`` is served for ``name`` (a graceful reload takes a
+        moment); returns the last served certificate either way."""
+        return tls.wait_for(lambda: self.served_cert(name), expected, timeout)
 
     def get(self, path: str, host: str = "localhost", timeout: float = 5.0) -> tuple[int, bytes]:
         """Plain HTTP GET on the HTTP port: (status, body)."""

@@ -22,8 +22,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import tempfile
 import time
@@ -33,7 +31,7 @@ from typing import Callable, Iterable, Optional
 
 from cryptography import x509
 
-from tests.bed import certs, ports
+from tests.bed import certs, ports, tls
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -332,32 +330,16 @@ class Nginx:
 
     def served_cert(self, name: str, timeout: float = 5.0) -> x509.Certificate:
         """The leaf certificate served on the HTTPS port for SNI ``name``."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        with socket.create_connection(("127.0.0.1", self.https_port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=name) as tls:
-                der = tls.getpeercert(binary_form=True)
-        if not der:
+        cert = tls.served_leaf(self.https_port, name, timeout)
+        if cert is None:
             raise NginxError(f"no certificate served for {name}")
-        return x509.load_der_x509_certificate(der)
+        return cert
 
     def wait_for_cert(self, name: str, expected: x509.Certificate,
                       timeout: float = 20.0) -> x509.Certificate:
         """Poll until ``expected`` is served for ``name`` (old workers finish their
         connections after a reload); returns the last served certificate either way."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                served = self.served_cert(name)
-            except OSError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-                continue
-            if served == expected or time.monotonic() >= deadline:
-                return served
-            time.sleep(0.05)
+        return tls.wait_for(lambda: self.served_cert(name), expected, timeout)
 
     def get(self, path: str, host: str = "localhost", timeout: float = 5.0) -> tuple[int, bytes]:
         """Plain HTTP GET on the HTTP port: (status, body)."""
