@@ -12,8 +12,9 @@ import pytest
 from certbot import errors
 
 from certbot_batch.challenges.batch import ChallengeBatch
-from certbot_batch.challenges.journal import SNIPPET, Journal
+from certbot_batch.challenges.journal import Journal
 from certbot_batch.challenges.webroot import ChallengeFile
+from certbot_batch.servers.apache import SNIPPET_NAME as SNIPPET
 
 JOIN = 30.0
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from certbot_batch.challenges import journal
-from certbot_batch.challenges.nginx import plan
 from certbot_batch.servers import nginx
 
 
@@ -74,13 +73,13 @@ def test_server_selection_follows_nginx_rules(tmp_path: Path) -> None:
     assert pick(plain, "re42.test").names == ["~^re\\d+\\.test$"]
     assert pick(plain, "unknown.test").names == ["_"]  # default_server, not the first
     assert pick(plain, "unknown.test", default=False) is None
-    blocks, unserved = plan(found, ["exact.example.test", "unknown.test"])
+    blocks, unserved = nginx.plan(found, ["exact.example.test", "unknown.test"])
     # the redirecting block, its SSL block (for a CA that follows), the default server
     assert [b.names for b in blocks] == [["_"], ["exact.example.test"],
                                          ["exact.example.test"]]
     assert unserved == []
     write(root / "nginx.conf", "http { server { listen 443 ssl; server_name s.test; } }\n")
-    assert plan(nginx.walk(str(root)), ["s.test"]) == ([], ["s.test"])
+    assert nginx.plan(nginx.walk(str(root)), ["s.test"]) == ([], ["s.test"])
 
 
 def test_undo_insert_removes_exactly_the_include(tmp_path: Path) -> None:
@@ -88,7 +87,7 @@ def test_undo_insert_removes_exactly_the_include(tmp_path: Path) -> None:
     original = conf.read_bytes()
     os.utime(conf, ns=(1_000_000_000, 2_000_000_000))
     st = conf.stat()
-    text = journal.nginx_include(str(tmp_path / journal.NGINX_SNIPPET))
+    text = nginx.include_text(str(tmp_path / nginx.SNIPPET_NAME))
     edited = "server {" + text + "listen 80;}\nserver\n{" + text + "\n}\n"
     journal.write_preserving(str(conf), edited, st)
     conf.write_text(conf.read_text() + "# the admin's edit meanwhile\n")
@@ -102,10 +101,10 @@ def test_undo_insert_removes_exactly_the_include(tmp_path: Path) -> None:
 def test_undo_insert_refuses_anything_but_the_include(tmp_path: Path) -> None:
     victim = write(tmp_path / "victim.conf", "keep me; include \"/x/other.conf\";\n")
     for text in ("keep me;", ' include "/x/other.conf";', ' include "relative/'
-                 f'{journal.NGINX_SNIPPET}";'):
+                 f'{nginx.SNIPPET_NAME}";'):
         assert not journal.undo_insert({"path": str(victim), "text": text})
     assert victim.read_text() == "keep me; include \"/x/other.conf\";\n"
-    snippet = str(tmp_path / "root" / journal.NGINX_SNIPPET)
+    snippet = str(tmp_path / "root" / nginx.SNIPPET_NAME)
     assert journal.safe_to_remove("file", snippet, str(tmp_path / "root")) is None
     assert journal.safe_to_remove("file", snippet, str(tmp_path)) is not None
     assert journal.safe_to_remove("file", snippet, None) is not None

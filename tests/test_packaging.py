@@ -153,8 +153,8 @@ def test_entry_points_are_exactly_our_plugins_and_the_script() -> None:
 
 def test_interpreter_meets_requires_python() -> None:
     assert sys.version_info >= (3, 10)
-    # The call that made 3.9 impossible (plugins/apache.py looks certbot's Apache plugin up
-    # this way; 3.9's entry_points() takes no arguments).
+    # The call that made 3.9 impossible (plugins/server.py looks certbot's Apache and nginx
+    # plugins up this way; 3.9's entry_points() takes no arguments).
     names = {ep.name for ep in importlib.metadata.entry_points(group="certbot.plugins")}
     assert {"batch-webroot", "batch-apache", "batch-nginx"} <= names
 

@@ -137,7 +137,7 @@ BOUNDARY: tuple[Internal, ...] = (
              "logs dir, before make_or_verify_needed_dirs): --batch-skip-if-locked",
              "wrap-always", 1),
     Internal(_M, "make_or_verify_needed_dirs", "after certbot took its lock: finish what an "
-             "interrupted run left (challenge files, Apache snippet, pending deployment); "
+             "interrupted run left (challenge files, server snippets, pending deployment); "
              "--batch-skip-if-locked for the config and work dirs", "wrap-always", 1),
     Internal(_S, "renewal_conf_files", "inside a session only due lineages reach certbot's "
              "loop", "wrap", 1),

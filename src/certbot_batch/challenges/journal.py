@@ -8,33 +8,25 @@ to the mirror directory in certbot's config directory when the state directory c
 written (one warning; a journal that cannot be written anywhere never costs a renewal),
 and only trusted when its owner and mode are safe. Recovery deletes nothing but challenge
 files (directly inside a ``.well-known/acme-challenge`` directory, inside the webroot they
-were written for), the directories made for them, batch-apache's challenge snippet and
-batch-nginx's (in the server root it was written for); and the only edit it undoes in a
-user's file is the removal of the exact ``include "…/certbot-batch-acme-nginx.conf";`` text
-batch-nginx inserted (``insert`` entries): nothing else of the file changes.
+were written for), the directories made for them and a web server's challenge snippet
+(where its kind writes it: ``servers/``, ``Server.snippet_misplaced``); and the only edit it
+undoes in a user's file is the removal of the exact text a server kind inserts to include
+its snippet (``insert`` entries, ``Server.owns_insert``: batch-nginx's ``include
+"…/certbot-batch-acme-nginx.conf";``): nothing else of the file changes.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any, Iterable, Optional, Union
 
-from certbot_batch import durable
+from certbot_batch import durable, servers
 
 logger = logging.getLogger(__name__)
 
-#: batch-apache's challenge snippet (challenges/apache.py SNIPPET_NAME)
-SNIPPET = "certbot-batch-acme.conf"
-#: batch-nginx's challenge snippet (in the nginx server root; challenges/nginx.py)
-NGINX_SNIPPET = "certbot-batch-acme-nginx.conf"
-#: what batch-nginx inserts after a server block's "{" (journal kind "insert")
-_NGINX_INCLUDE = re.compile(r'^ include "(/[^"\\]*/' + re.escape(NGINX_SNIPPET) + r')";$')
-#: the directory (inside the Apache challenge location) batch-apache serves challenges from
-APACHE_CHALLENGE_DIR = "certbot-batch-http01"
 #: dns-01 records of certbot's DNS plugins and manual hooks (challenges/grouped.py), kept in
 #: a journal file of their own (the webroot cleanup clears its journal whole): one
 #: DNS_RECORD line (renewal conf, plugin, domain, validation name and value, the plugin's
@@ -48,7 +40,7 @@ DNS_REMOVED = "dns-removed"
 _LINE_FIELDS = ("kind", "id")
 #: the directories a challenge file may sit in, and the ones we may create for it
 _CHALLENGE_DIRS = (".well-known", "acme-challenge")
-_OUR_DIRS = frozenset({".well-known", "acme-challenge", APACHE_CHALLENGE_DIR})
+_OUR_DIRS = frozenset({".well-known", "acme-challenge"}) | servers.CHALLENGE_DIRS
 
 
 def safe_to_remove(kind: str, path: str, root: Optional[str]) -> Optional[str]:
@@ -58,14 +50,9 @@ def safe_to_remove(kind: str, path: str, root: Optional[str]) -> Optional[str]:
         return "not a plain absolute path"
     parent = os.path.dirname(path)
     if kind == "file":
-        if os.path.basename(path) == NGINX_SNIPPET:
-            if root is None or os.path.normpath(root) != parent:
-                return "not in the nginx server root it was written for"
-            return None
-        if os.path.basename(path) == SNIPPET:
-            if os.path.basename(parent) != "conf-enabled":
-                return "not in a conf-enabled directory"
-            return None
+        owner = servers.snippet_owner(path)
+        if owner is not None:  # a server's challenge snippet: where that kind writes it
+            return owner.snippet_misplaced(path, root)
         if tuple(parent.split(os.sep)[-2:]) != _CHALLENGE_DIRS:
             return "not directly inside a .well-known/acme-challenge directory"
         if root is not None:
@@ -83,11 +70,6 @@ def safe_to_remove(kind: str, path: str, root: Optional[str]) -> Optional[str]:
                 return f"not inside {root}"
         return None
     return f"unknown kind {kind!r}"
-
-
-def nginx_include(snippet_path: str) -> str:
-    """The text batch-nginx inserts after a server block's ``{``."""
-    return f' include "{snippet_path}";'
 
 
 def strip_insert(text: str, inserted: str) -> str:
@@ -132,10 +114,11 @@ def write_preserving(path: str, text: str, st: os.stat_result) -> None:
 
 def undo_insert(item: dict[str, Any]) -> bool:
     """Remove the text an ``insert`` entry names from its file (the file is then what it
-    was before, byte for byte, whatever else changed in it meanwhile). Only batch-nginx's
-    include of its own snippet is ever removed. Returns True when the file changed."""
+    was before, byte for byte, whatever else changed in it meanwhile). Only a server's
+    include of its own snippet (``Server.owns_insert``: batch-nginx's) is ever removed.
+    Returns True when the file changed."""
     path, text = str(item.get("path") or ""), str(item.get("text") or "")
-    if not os.path.isabs(path) or not _NGINX_INCLUDE.match(text):
+    if not os.path.isabs(path) or not servers.owns_insert(text):
         durable.warn_once(f"unsafe-insert:{path}", "certbot-batch: not editing %s named by "
                           "the challenge journal: not an include of certbot-batch's snippet",
                           path)
@@ -313,7 +296,7 @@ class Journal:
             self.clear()
             return []
         snippets = [i["path"] for i in items if i["kind"] == "file"
-                    and os.path.basename(i["path"]) in (SNIPPET, NGINX_SNIPPET)
+                    and servers.snippet_owner(i["path"]) is not None
                     and os.path.lexists(i["path"])]
         # Edits first: a server block must not include a snippet that is already gone.
         edited = 0
@@ -332,10 +315,11 @@ class Journal:
         if removed:
             logger.warning("certbot-batch: removed %d challenge file(s)/dir(s) left behind by "
                            "an interrupted run", removed)
-        servers: list[dict[str, str]] = []
+        to_reload: list[dict[str, str]] = []
         if snippets or edited:
             for item in items:
                 if item["kind"] == "server":
+                    # (older journals name no kind: Apache, the only one then)
                     ref = {"kind": str(item.get("server_kind") or "apache"),
                            "ctl": str(item.get("ctl") or item["path"]),
                            "root": str(item.get("root") or "")}
@@ -343,10 +327,10 @@ class Journal:
                     ref = {"kind": "apache", "ctl": item["path"], "root": ""}
                 else:
                     continue
-                if ref not in servers:
-                    servers.append(ref)
+                if ref not in to_reload:
+                    to_reload.append(ref)
         self.clear()
-        return servers
+        return to_reload
 
 
 def remove_items(items: list[dict[str, Any]]) -> int:

@@ -26,8 +26,8 @@ from typing import Any, Optional
 from certbot_batch import _certbot, catalog, paths, run
 from certbot_batch.challenges import grouped
 from certbot_batch.challenges.batch import ChallengeBatch
+from certbot_batch.challenges.http01 import Http01Provisioner
 from certbot_batch.challenges.journal import Journal
-from certbot_batch.challenges.nginx import NginxChallengeProvisioner
 from certbot_batch.run import LineageRecord, Run, Scope, Wave
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def run_wave(session: Run, index: int, records: list[LineageRecord]) -> WaveRepo
     journal = Journal(paths.journal_paths(session.config))
     names = [r.name for r in records]
     # One provisioner for every kind of the wave (webroot files, Apache, nginx).
-    batch = ChallengeBatch(names, NginxChallengeProvisioner(journal))
+    batch = ChallengeBatch(names, Http01Provisioner(journal))
     gate = OrderGate(names, session.stopping)
     done = threading.Condition()
     results: dict[str, Any] = {}

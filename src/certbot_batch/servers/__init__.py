@@ -7,7 +7,8 @@ The deployment, the challenge code, the journals and recovery name a server by i
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Type
 
 from certbot_batch.servers import apache, nginx
 from certbot_batch.servers.apache import ApacheServer
@@ -23,6 +24,25 @@ DEFERRED_INSTALLERS = {"batch-apache": apache.ref_of, "batch-nginx": nginx.ref_o
                        "apache": apache.ref_of, "nginx": nginx.ref_of}
 
 
+#: every kind this version knows, by ``ServerRef.kind``
+KINDS: dict[str, Type[Server]] = {apache.KIND: ApacheServer,
+                                  nginx.KIND: NginxServer}
+#: directories (by name) the kinds that serve challenge files (``SERVES_FILES``) create
+#: below their challenge location: the journal may remove them once empty
+CHALLENGE_DIRS = frozenset({apache.CHALLENGE_DIR_NAME})
+
+
+def snippet_owner(path: str) -> Optional[Type[Server]]:
+    """The kind whose challenge snippet has ``path``'s file name, or None."""
+    name = os.path.basename(path)
+    return next((cls for cls in KINDS.values() if cls.SNIPPET_NAME == name), None)
+
+
+def owns_insert(text: str) -> bool:
+    """Is ``text`` (a journaled edit) exactly the include some kind inserts?"""
+    return any(cls.owns_insert(text) for cls in KINDS.values())
+
+
 def ref_for(lineage_config: Any) -> Optional[ServerRef]:
     """The server instance a lineage is deployed to by a deferred reload, or None."""
     installer = getattr(lineage_config, "installer", None)
@@ -33,8 +53,7 @@ def ref_for(lineage_config: Any) -> Optional[ServerRef]:
 def server_for(ref: ServerRef) -> Server:
     """The implementation of the instance ``ref`` names. Raises ValueError for a kind this
     version does not know (a record written by a newer certbot-batch)."""
-    if ref.kind == "apache":
-        return ApacheServer(ref)
-    if ref.kind == nginx.KIND:
-        return NginxServer(ref)
-    raise ValueError(f"unknown server kind {ref.kind!r}")
+    cls = KINDS.get(ref.kind)
+    if cls is None:
+        raise ValueError(f"unknown server kind {ref.kind!r}")
+    return cls(ref)

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from certbot import errors
 
-from certbot_batch.servers.base import Endpoint, Server, ServerRef
+from certbot_batch.servers.base import ChallengePlan, Endpoint, Server, ServerRef
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,11 @@ DEFAULT_CTL = "apache2ctl"
 DEFAULT_ROOT = "/etc/apache2"
 #: The file Apache starts from, by layout (Debian first).
 MAIN_CONFIGS = ("apache2.conf", "httpd.conf", "conf/httpd.conf")
+#: http-01 as authenticator: the snippet (in conf-enabled/, read before the vhosts) and the
+#: directory (inside the challenge location) whose ``.well-known/acme-challenge/`` it serves
+SNIPPET_NAME = "certbot-batch-acme.conf"
+SNIPPET_DIR = "conf-enabled"
+CHALLENGE_DIR_NAME = "certbot-batch-http01"
 
 _CERT_DIRECTIVE = re.compile(
     r"^\s*SSLCertificate(?:Key|Chain)?File\s+\"?([^\"\s]+)\"?", re.IGNORECASE | re.MULTILINE)
@@ -211,6 +216,60 @@ def vhost_endpoints(root: str) -> dict[str, list[Endpoint]]:
     return out
 
 
+# -- http-01 challenges ----------------------------------------------------------------------
+#
+# All challenge files of a wave go into one directory (``<challenge location>/
+# certbot-batch-http01/.well-known/acme-challenge/``) and one snippet maps
+# ``/.well-known/acme-challenge/`` to it for every vhost:
+#
+# * a server-wide ``Alias`` (inherited by every vhost), and
+# * a server-wide ``RewriteRule ... [END]`` with ``RewriteOptions InheritDownBefore``, so
+#   vhosts that redirect HTTP to HTTPS with mod_rewrite (certbot's own ``--redirect``) still
+#   serve the challenge: the inherited rule runs before their own rules.
+#   A vhost redirecting with mod_alias ``Redirect /`` cannot be overridden from outside the
+#   vhost (mod_rewrite is not enabled in a vhost without its own ``RewriteEngine on``, and
+#   mod_alias checks the vhost's redirects before any Alias); the CA follows the redirect
+#   (Let's Encrypt and pebble do), and an HTTPS vhost of this Apache serves the challenge
+#   through the inherited server-wide Alias (tests/test_apache_deploy.py).
+
+def challenge_root(server_root: str, location: Optional[str]) -> Optional[str]:
+    """The directory challenge files are served from, or None when the layout has no
+    conf-enabled/ (non-Debian): the caller falls back to certbot's own per-lineage Apache
+    authenticator."""
+    if not os.path.isdir(os.path.join(server_root, SNIPPET_DIR)):
+        return None
+    return os.path.join(location or server_root, CHALLENGE_DIR_NAME)
+
+
+def snippet_text(server_root: str, files_root: str) -> str:
+    files = os.path.join(files_root, ".well-known", "acme-challenge")
+    rewrite_load = ""
+    load_file = os.path.join(server_root, "mods-available", "rewrite.load")
+    try:
+        with open(load_file, encoding="utf-8") as fh:
+            rewrite_load = "".join(line for line in fh if line.strip().lower()
+                                   .startswith("loadmodule"))
+    except OSError:
+        pass
+    load_block = (f"<IfModule !rewrite_module>\n\t{rewrite_load.strip()}\n</IfModule>\n"
+                  if rewrite_load else "")
+    return (
+        "# certbot-batch: ACME http-01 challenges of the running `certbot renew`.\n"
+        "# Temporary: removed (and Apache reloaded) at the end of the run.\n"
+        f"{load_block}"
+        f"Alias /.well-known/acme-challenge/ {files}/\n"
+        f"<Directory {files_root}>\n"
+        "\tOptions None\n"
+        "\tAllowOverride None\n"
+        "\tRequire all granted\n"
+        "</Directory>\n"
+        "<IfModule rewrite_module>\n"
+        "\tRewriteEngine on\n"
+        "\tRewriteOptions InheritDownBefore\n"
+        f"\tRewriteRule ^/\\.well-known/acme-challenge/([A-Za-z0-9_-]+)$ {files}/$1 [END]\n"
+        "</IfModule>\n")
+
+
 class ApacheServer(Server):
     """One Apache instance: its control program and server root."""
 
@@ -220,6 +279,8 @@ class ApacheServer(Server):
         self._pid_known = False
 
     title = "Apache"
+    SNIPPET_NAME = SNIPPET_NAME
+    SERVES_FILES = True
 
     def ctl_problem(self) -> Optional[str]:
         try:
@@ -261,3 +322,25 @@ class ApacheServer(Server):
 
     def endpoints(self) -> dict[str, list[Endpoint]]:
         return vhost_endpoints(self.ref.root)
+
+    # -- http-01 challenges ----------------------------------------------------------------
+    def challenge_snippet_path(self) -> str:
+        return os.path.join(self.ref.root, SNIPPET_DIR, SNIPPET_NAME)
+
+    @classmethod
+    def snippet_misplaced(cls, path: str, root: Optional[str]) -> Optional[str]:
+        if os.path.basename(os.path.dirname(path)) != SNIPPET_DIR:
+            return f"not in a {SNIPPET_DIR} directory"
+        return None
+
+    def challenge_plan(self, names: list[str], tokens: dict[str, bytes],
+                       files_root: Optional[str], first: bool) -> ChallengePlan:
+        # The snippet serves whatever is in the directory: the same text for every lineage
+        # of the run (a late lineage's files need no reload).
+        if files_root is None:
+            raise errors.PluginError("Apache serves the challenges from a directory; none "
+                                     "was given")
+        host = names[0] if names else "localhost"
+        return ChallengePlan(snippet=snippet_text(self.ref.root, files_root), inserts={},
+                             digests={},
+                             probes=[(h, p, host) for h, p in http_ports(self.ref.root)])

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import os
 import socket
 import ssl
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from cryptography import x509
 
@@ -56,6 +57,21 @@ class Endpoint:
     host: str
     port: int
     sni: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChallengePlan:
+    """What a server needs to serve a wave's http-01 challenges (``Server.challenge_plan``);
+    ``challenges/http01.py`` journals and applies it, the same way for every kind."""
+    #: the text of the snippet at ``Server.challenge_snippet_path()``
+    snippet: str
+    #: configuration file (as walked) -> offsets in its walked text where
+    #: ``Server.challenge_insert()`` goes (nginx: after each chosen server block's "{")
+    inserts: dict[str, tuple[int, ...]]
+    #: configuration file -> digest of the text the offsets are in (``text_digest``)
+    digests: dict[str, str]
+    #: (host, port, Host header) that must serve the challenges once reloaded
+    probes: list[tuple[str, int, str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +123,48 @@ class Server(abc.ABC):
     def endpoints(self) -> dict[str, list[Endpoint]]:
         """Certificate file -> where the configuration serves it."""
 
+    # -- http-01 challenges (batch-apache / batch-nginx as the authenticator) ------------
+    #: the challenge snippet's file name: the journal and recovery remove files of this
+    #: name only where ``snippet_misplaced`` allows
+    SNIPPET_NAME: ClassVar[str] = ""
+    #: challenge files are written into a directory the snippet serves (True: Apache's
+    #: Alias), or the snippet answers them itself (False: nginx's ``return 200``)
+    SERVES_FILES: ClassVar[bool] = False
+
+    # A kind that only deploys (no snippet) keeps these defaults: its lineages are
+    # validated by certbot's own authenticator of that server.
+    def challenge_snippet_path(self) -> str:
+        """Where this instance's challenge snippet goes."""
+        raise NotImplementedError(f"{self.title} does not serve http-01 challenges")
+
+    @classmethod
+    def snippet_misplaced(cls, path: str, root: Optional[str]) -> Optional[str]:
+        """Why a journaled snippet ``path`` (written for server root ``root``) must not be
+        removed, or None."""
+        return f"not a challenge snippet of {cls.title}"
+
+    def challenge_insert(self) -> str:
+        """The text inserted into configuration files to include the snippet ("": none)."""
+        return ""
+
+    @classmethod
+    def owns_insert(cls, text: str) -> bool:
+        """Is ``text`` (a journaled insert) exactly what ``challenge_insert`` makes?"""
+        return False
+
+    def challenge_unserved(self, names: list[str]) -> list[str]:
+        """The names no part of the configuration answers over plain HTTP."""
+        return []
+
+    def challenge_plan(self, names: list[str], tokens: dict[str, bytes],
+                       files_root: Optional[str], first: bool) -> ChallengePlan:
+        """The snippet, edits and probes that serve ``tokens`` (token -> key authorization)
+        for ``names`` (when ``SERVES_FILES``: as files below ``files_root``'s
+        ``.well-known/acme-challenge/``, a webroot of their own). ``first``: nothing of
+        this run is in the files yet (a configuration edited since it was read is read
+        again). Raises certbot's ``errors.PluginError`` for names nothing answers."""
+        raise NotImplementedError(f"{self.title} does not serve http-01 challenges")
+
     def rejection(self) -> Optional[str]:
         """After a reload: why the server refused the new configuration while its master
         kept running with the old one (nginx logs it and keeps its old workers), or None.
@@ -144,6 +202,11 @@ class Server(abc.ABC):
             if clock() >= deadline:
                 return "unconfirmed" if master is not None else "down"
             time.sleep(POLL)
+
+
+def text_digest(text: str) -> str:
+    """What ``ChallengePlan.digests`` hold: the sha256 of a configuration file's text."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def read_pid(pid_file: Optional[str]) -> Optional[int]:

@@ -23,19 +23,27 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import glob
-import hashlib
 import logging
 import os
 import re
 import shutil
 import subprocess
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from certbot import errors
 
 from certbot_batch import run
-from certbot_batch.servers.base import POLL, Endpoint, Server, ServerRef, Snapshot, pid_alive
+from certbot_batch.servers.base import (
+    POLL,
+    ChallengePlan,
+    Endpoint,
+    Server,
+    ServerRef,
+    Snapshot,
+    pid_alive,
+    text_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,13 @@ KIND = "nginx"
 DEFAULT_CTL = "nginx"
 DEFAULT_ROOT = "/etc/nginx"
 MAIN_CONFIG = "nginx.conf"
+#: http-01 as authenticator: the snippet, in the server root (see ``challenge_plan``)
+SNIPPET_NAME = "certbot-batch-acme-nginx.conf"
+#: what is inserted after a server block's "{" to include it (and nothing else is ever
+#: removed from a user's file: ``owns_insert``)
+_INCLUDE = re.compile(r'^ include "(/[^"\\]*/' + re.escape(SNIPPET_NAME) + r')";$')
+#: what a token and a key authorization may hold to be written into the snippet
+_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 #: include nesting nginx would never need; a loop of includes stops here
 MAX_DEPTH = 32
 
@@ -153,10 +168,6 @@ def _read(path: str) -> Optional[str]:
             return fh.read()
     except OSError:
         return None
-
-
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _unquote(token: str) -> str:
@@ -386,6 +397,98 @@ def endpoints_of(found: Walk) -> dict[str, list[Endpoint]]:
     return out
 
 
+# -- http-01 challenges ----------------------------------------------------------------------
+#
+# nginx has no way to add a location to a server block from outside the block (no
+# inheritance of locations, no server-wide alias), so for the duration of a wave:
+#
+# * one snippet, ``SERVER_ROOT/certbot-batch-acme-nginx.conf``, holds one exact-match
+#   location per challenge token: ``location = /.well-known/acme-challenge/TOKEN { return
+#   200 "KEY_AUTHORIZATION"; }`` (the form certbot's own nginx plugin uses). An exact match
+#   wins over every prefix and regex location a server block has, including a user's own
+#   ``location /.well-known/acme-challenge/``, and cannot collide with one;
+# * the server blocks that answer the wave's names over plain HTTP get one ``include`` of the
+#   snippet, inserted right after their ``{`` (one space, the directive, no newline): per
+#   name and plain-HTTP port, the block nginx picks for that Host (exact name, wildcards,
+#   regex, else the port's default server). When that block redirects at server level
+#   (``return``/``rewrite``/``if``, as certbot's ``--redirect`` writes it: it answers before
+#   any location) the SSL blocks naming the name get it too, for a CA that follows the
+#   redirect.
+
+def include_text(snippet_path: str) -> str:
+    """What is inserted after a server block's ``{`` (no newline: a block whose ``{`` is
+    followed by directives on the same line stays valid; removed again verbatim)."""
+    return f' include "{snippet_path}";'
+
+
+def snippet_text(tokens: dict[str, bytes]) -> str:
+    lines = ["# certbot-batch: ACME http-01 challenges of the running certbot. Temporary:\n",
+             "# removed, with the include lines naming it, at the end of the run.\n"]
+    for token, content in sorted(tokens.items()):
+        lines.append(f"location = /.well-known/acme-challenge/{token} {{\n"
+                     "\tdefault_type text/plain;\n"
+                     f"\treturn 200 \"{content.decode('ascii')}\";\n"
+                     "}\n")
+    return "".join(lines)
+
+
+def _by_port(found: Walk, ssl: bool) -> dict[int, list[ServerBlock]]:
+    out: dict[int, list[ServerBlock]] = {}
+    for block in found.servers:
+        for port in sorted({x.port for x in block.listens if x.ssl == ssl}):
+            out.setdefault(port, []).append(block)
+    return out
+
+
+def plan(found: Walk, names: Iterable[str]) -> tuple[list[ServerBlock], list[str]]:
+    """(the server blocks that must include the snippet, the names no plain-HTTP server
+    block answers)."""
+    plain = _by_port(found, ssl=False)
+    secure = _by_port(found, ssl=True)
+    chosen: dict[tuple[str, int], ServerBlock] = {}
+    unserved = []
+    for name in names:
+        served = False
+        for blocks in plain.values():
+            block = server_for_name(blocks, name)
+            if block is None:
+                continue
+            served = True
+            chosen[(block.file, block.open_end)] = block
+            if block.redirects:
+                for sblocks in secure.values():
+                    match = server_for_name(sblocks, name, default=False)
+                    if match is not None:
+                        chosen[(match.file, match.open_end)] = match
+        if not served:
+            unserved.append(name)
+    return sorted(chosen.values(), key=lambda b: b.order), unserved
+
+
+def probes_of(blocks: list[ServerBlock], fallback: str,
+              most: int = 3) -> list[tuple[str, int, str]]:
+    """(host, port, Host header) of the first ``most`` plain-HTTP listens of ``blocks`` (each
+    includes the snippet: one answering is enough)."""
+    targets: list[tuple[str, int, str]] = []
+    for block in blocks:
+        host_name = next((n for n in block.names if n and "*" not in n
+                          and not n.startswith(("~", ".")) and n != "_"), fallback)
+        for listen in block.listens:
+            target = (_probe_host(listen.host), listen.port, host_name)
+            if not listen.ssl and target not in targets:
+                targets.append(target)
+    return targets[:most]
+
+
+def _unchanged(found: Walk, blocks: list[ServerBlock], inserted: str) -> bool:
+    """Are the files of ``blocks`` still what ``found`` read (our own inserts aside)?"""
+    for path in {b.file for b in blocks}:
+        text = _read(os.path.realpath(path))
+        if text is None or text_digest(text.replace(inserted, "")) != found.digests.get(path):
+            return False
+    return True
+
+
 def compiled_defaults(ctl: str, root: str) -> dict[str, str]:
     """``--pid-path``, ``--prefix``, ``--error-log-path`` of ``nginx -V``."""
     output = run_ctl(ctl, root, ["-V"], "version query")
@@ -402,6 +505,8 @@ class NginxServer(Server):
         self._defaults: Optional[dict[str, str]] = None
         self._log_offsets: dict[str, int] = {}
         self._walked: Optional[tuple[tuple[Any, ...], Walk]] = None
+        #: the walk the challenge plans of this run are made from (``challenge_plan``)
+        self._challenge_walk: Optional[Walk] = None
 
     def walk(self) -> Walk:
         """The configuration walk, again only when a file it read (or a directory holding
@@ -514,6 +619,57 @@ class NginxServer(Server):
 
     def endpoints(self) -> dict[str, list[Endpoint]]:
         return endpoints_of(self.walk())
+
+
+    # -- http-01 challenges ----------------------------------------------------------------
+    SNIPPET_NAME = SNIPPET_NAME
+
+    def challenge_snippet_path(self) -> str:
+        return os.path.join(self.ref.root, SNIPPET_NAME)
+
+    @classmethod
+    def snippet_misplaced(cls, path: str, root: Optional[str]) -> Optional[str]:
+        if root is None or os.path.normpath(root) != os.path.dirname(path):
+            return "not in the nginx server root it was written for"
+        return None
+
+    def challenge_insert(self) -> str:
+        return include_text(self.challenge_snippet_path())
+
+    @classmethod
+    def owns_insert(cls, text: str) -> bool:
+        return bool(_INCLUDE.match(text))
+
+    def challenge_unserved(self, names: list[str]) -> list[str]:
+        return plan(self.walk(), names)[1]
+
+    def challenge_plan(self, names: list[str], tokens: dict[str, bytes],
+                       files_root: Optional[str], first: bool) -> ChallengePlan:
+        for token, content in tokens.items():
+            if not _SAFE.match(token) or not _SAFE.match(content.decode("ascii", "replace")):
+                raise errors.PluginError(f"unexpected characters in a challenge for "
+                                         f"{', '.join(names)}")
+        # The walk without this run's inserts: offsets and digests are in the text as the
+        # user wrote it (the files carry our includes once the first lineages are served).
+        found = self._challenge_walk or self.walk()
+        blocks, unserved = plan(found, names)
+        if first and not _unchanged(found, blocks, self.challenge_insert()):
+            # Edited since it was walked (certbot's own nginx code for a new name, an
+            # admin): walk again, once.
+            found = walk(self.ref.root)
+            blocks, unserved = plan(found, names)
+        self._challenge_walk = found
+        if unserved:
+            raise errors.PluginError(f"no nginx server block answers {', '.join(unserved)} "
+                                     f"over plain HTTP {self.where()}")
+        inserts: dict[str, set[int]] = {}
+        for block in blocks:
+            inserts.setdefault(block.file, set()).add(block.open_end)
+        return ChallengePlan(
+            snippet=snippet_text(tokens),
+            inserts={path: tuple(sorted(offsets)) for path, offsets in inserts.items()},
+            digests={path: found.digests.get(path, "") for path in inserts},
+            probes=probes_of(blocks, names[0] if names else "localhost"))
 
 
 def _signature(found: Walk) -> tuple[Any, ...]:
