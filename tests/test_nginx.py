@@ -241,6 +241,15 @@ def test_webroot_and_switch_from_stock_nginx(bot: Certbot, nginx: Nginx,
     assert (nginx.counts().version, nginx.counts().reload) == (0, 1), nginx.ctl_calls()
 
 
+def challenge_reloads(bot: Certbot, log_from: int) -> int:
+    """Reloads a run made to serve challenges (its log from offset ``log_from``): 1, or 0
+    when the CA had nothing to validate (pebble reuses a valid authorization about 1 % of
+    the time even with reuse set to 0, and these names were validated by the run before)."""
+    served = bot.log_text()[log_from:].count("nginx reloaded once to serve")
+    assert served <= 1, served
+    return served
+
+
 # -- 3: a new name goes through certbot's own nginx installer ---------------------------------
 
 def test_new_name_is_deployed_through_certbots_nginx_code(bot: Certbot, nginx: Nginx,
@@ -261,9 +270,12 @@ def test_new_name_is_deployed_through_certbots_nginx_code(bot: Certbot, nginx: N
     # its renewal: no parse, one deployment reload (+1 for the challenge)
     nginx.reset_counts()
     before = nginx.digest()
+    log_from = len(bot.log_text())
     proc = bot.run("renew", "--force-renewal")
     assert proc.returncode == 0, output_of(proc)
-    assert (nginx.counts().reload, nginx.counts().version) == (2, 0), nginx.ctl_calls()
+    assert (nginx.counts().reload, nginx.counts().version) == \
+        (1 + challenge_reloads(bot, log_from), 0), \
+        nginx.ctl_calls()
     assert nginx.digest() == before
     assert_serves_live(bot, nginx, [name])
 
@@ -282,9 +294,13 @@ def test_authenticator_outside_a_session_and_dry_run(bot: Certbot, nginx: Nginx,
     assert nginx.digest() == before
     assert "authenticator = batch-nginx" in bot.renewal_conf(name).read_text()
     nginx.reset_counts()
+    log_from = len(bot.log_text())
     proc = bot.run("renew", "--dry-run")
     assert proc.returncode == 0, output_of(proc) + bot.log_text()[-6000:]
-    assert (nginx.counts().reload, nginx.counts().version) == (2, 0), nginx.ctl_calls()
+    # serve + clean up (none when pebble reused the authorization: challenge_reloads)
+    assert (nginx.counts().reload, nginx.counts().version) == \
+        (2 * challenge_reloads(bot, log_from), 0), \
+        nginx.ctl_calls()
     assert nginx.digest() == before
     assert not (nginx.root / SNIPPET).exists()
 
