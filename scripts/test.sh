@@ -18,9 +18,9 @@ jobs=${CERTBOT_BATCH_JOBS:-6}
 xdist=(); [ "$jobs" != 0 ] && xdist=(-n "$jobs")
 echo "== in-process core (coverage)"
 # The fast tests alone (no pebble, Apache, BIND, no certbot subprocess), measured: the
-# session, the challenge batch, the grouped rounds, the journal, the deployment flush and
-# the pending record and http-01 through a server must each be at least 75 % covered by
-# them (issue 17).
+# session, the challenge batch, the grouped rounds, the journal, the deployment flush, the
+# pending record and http-01 through a server must each be at least 75 % covered by them
+# (issue 17).
 cov_dir=$(mktemp -d)
 .venv-pypi/bin/python -m pytest -q -m "not bed" -p no:cacheprovider "${xdist[@]}" \
   --cov=certbot_batch --cov-report=json:"$cov_dir/coverage.json" --cov-report= \
