@@ -26,7 +26,7 @@ from certbot_batch.challenges.http01 import Http01Provisioner, ServedBy
 from certbot_batch.challenges.journal import Journal
 from certbot_batch.challenges.webroot import ChallengeFile
 from certbot_batch.deploy import reload
-from certbot_batch.plugins.webroot import achall_identifier
+from certbot_batch.plugins.webroot import achall_identifier, active_batch, hand_over, release
 from certbot_batch.servers.base import ServerRef
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class ServerConfigurator(_Configurator):  # type: ignore[misc,valid-type]
     def recover_leftovers(self) -> None:
         """Leftover challenge files/snippets of an interrupted run go first (not while a
         batch is live: its files are in the same journal)."""
-        if _active_batch() is None:
+        if active_batch() is None:
             self._provisioner.journal.recover()
 
     # -- Installer ----------------------------------------------------------------------
@@ -139,11 +139,11 @@ class ServerConfigurator(_Configurator):  # type: ignore[misc,valid-type]
             self._stock_challenges = True
             return list(self.delegate().perform(achalls))
         lineage = run.current_lineage()
-        batch = _active_batch()
-        in_batch = (batch is not None and lineage is not None and batch.is_participant(lineage)
-                    and isinstance(batch.provisioner, Http01Provisioner))
-        provisioner = batch.provisioner if in_batch and batch is not None \
-            else self._provisioner
+        batch = active_batch()
+        # Inside a batch session: one snippet + one reload serve the whole wave.
+        joined = batch if batch is not None and batch.is_participant(lineage) \
+            and isinstance(batch.provisioner, Http01Provisioner) else None
+        provisioner = joined.provisioner if joined is not None else self._provisioner
         assert isinstance(provisioner, Http01Provisioner)
         marker = provisioner.serve_through(served)
         items = []
@@ -154,29 +154,11 @@ class ServerConfigurator(_Configurator):  # type: ignore[misc,valid-type]
                                        token=achall.chall.encode("token"),
                                        content=validation.encode(), lineage=lineage))
             responses.append(response)
-        if in_batch and batch is not None and lineage is not None:
-            # Inside a batch session: one snippet + one reload serve the whole wave.
-            self._batch = batch
-            batch.perform(lineage, items)
-            return responses
-        failures = self._provisioner.provision(items)
-        if failures:
-            self._provisioner.cleanup()
-            raise failures[0][1]
+        self._batch = hand_over(joined, lineage, items, self._provisioner)
         return responses
 
     def cleanup(self, achalls: list[AnnotatedChallenge]) -> None:
         if self._stock_challenges:
             self.delegate().cleanup(achalls)
             return
-        lineage = run.current_lineage()
-        if self._batch is not None and lineage is not None:
-            self._batch.cleanup(lineage)
-            return
-        self._provisioner.cleanup()
-
-
-def _active_batch() -> Optional[ChallengeBatch]:
-    """The challenge batch of the wave in flight (inside a renewal session), or None."""
-    current = run.current()
-    return current.batch() if current is not None else None
+        release(self._batch, run.current_lineage(), self._provisioner)

@@ -77,7 +77,7 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
     def prepare(self) -> None:
         # Leftovers of an interrupted run go first, so nothing outlives the next run
         # (not while a batch is live: its files are in the same journal).
-        if _active_batch() is None:
+        if active_batch() is None:
             self._provisioner.journal.recover()
 
     def get_chall_pref(self, identifier: str) -> Iterable[type[challenges.Challenge]]:
@@ -95,25 +95,13 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
                 lineage=run.current_lineage()))
             responses.append(response)
         lineage = run.current_lineage()
-        batch = _active_batch()
-        if batch is not None and lineage is not None and batch.is_participant(lineage):
-            # Inside a batch session: wait for the other lineages of the wave, then one
-            # provisioning action writes everyone's files.
-            self._batch = batch
-            batch.perform(lineage, items)
-            return responses
-        failures = self._provisioner.provision(items)
-        if failures:
-            self._provisioner.cleanup()
-            raise failures[0][1]
+        batch = active_batch()
+        joined = batch if batch is not None and batch.is_participant(lineage) else None
+        self._batch = hand_over(joined, lineage, items, self._provisioner)
         return responses
 
     def cleanup(self, achalls: list[AnnotatedChallenge]) -> None:
-        lineage = run.current_lineage()
-        if self._batch is not None and lineage is not None:
-            self._batch.cleanup(lineage)
-            return
-        self._provisioner.cleanup()
+        release(self._batch, run.current_lineage(), self._provisioner)
 
     def auth_hint(self, failed_achalls: list[AnnotatedChallenge]) -> str:
         roots = sorted({webroot_for(self.config, achall_identifier(a)) for a in failed_achalls})
@@ -123,7 +111,34 @@ class BatchWebrootAuthenticator(common.Plugin, interfaces.Authenticator):
                 "plain HTTP on port 80.")
 
 
-def _active_batch() -> Optional[ChallengeBatch]:
+def active_batch() -> Optional[ChallengeBatch]:
     """The challenge batch of the wave in flight (inside a renewal session), or None."""
     current = run.current()
     return current.batch() if current is not None else None
+
+
+def hand_over(batch: Optional[ChallengeBatch], lineage: Optional[str],
+              items: list[ChallengeFile], provisioner: WebrootProvisioner
+              ) -> Optional[ChallengeBatch]:
+    """A lineage's challenges, from an http-01 plugin's perform(). With ``batch`` (the wave
+    it takes part in): wait for the other lineages of the wave, then one provisioning action
+    serves everyone's; returns the batch, for cleanup. Without: the lineage's own, cleaned up
+    again at once when one fails."""
+    if batch is not None and lineage is not None:
+        batch.perform(lineage, items)
+        return batch
+    failures = provisioner.provision(items)
+    if failures:
+        provisioner.cleanup()
+        raise failures[0][1]
+    return None
+
+
+def release(batch: Optional[ChallengeBatch], lineage: Optional[str],
+            provisioner: WebrootProvisioner) -> None:
+    """The cleanup() of a lineage ``hand_over`` served: the wave cleans up once its last
+    lineage is done; a lineage served alone cleans up its own."""
+    if batch is not None and lineage is not None:
+        batch.cleanup(lineage)
+    else:
+        provisioner.cleanup()
