@@ -61,18 +61,19 @@ class ServedBy:
     #: certbot's config dir: the lineages whose live/ links are checked before a reload
     config_dir: str = ""
 
+    @classmethod
+    def for_lineage(cls, ref: ServerRef, config: Any,
+                    files_root: Optional[str] = None) -> ServedBy:
+        """A lineage's, from its (certbot) config."""
+        return cls(ref=ref, files_root=files_root,
+                   reload_at_cleanup=bool(getattr(config, "dry_run", False)),
+                   config_dir=str(getattr(config, "config_dir", "") or ""))
+
     @property
     def marker(self) -> str:
         """What the lineage's challenge items carry as their ``webroot``: the files root,
         or a name of the instance (nothing is written below it)."""
         return self.files_root or "server:" + self.ref.key
-
-
-def served_by(ref: ServerRef, config: Any, files_root: Optional[str] = None) -> ServedBy:
-    """A lineage's ``ServedBy`` from its (certbot) config."""
-    return ServedBy(ref=ref, files_root=files_root,
-                    reload_at_cleanup=bool(getattr(config, "dry_run", False)),
-                    config_dir=str(getattr(config, "config_dir", "") or ""))
 
 
 def server_for_run(ref: ServerRef) -> Server:

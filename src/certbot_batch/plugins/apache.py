@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Optional
 
-from certbot_batch.challenges.http01 import ServedBy, served_by
+from certbot_batch.challenges.http01 import ServedBy
 from certbot_batch.deploy import reload
 from certbot_batch.plugins.server import ServerConfigurator
 from certbot_batch.servers import apache as apache_server
@@ -44,7 +44,7 @@ class BatchApacheConfigurator(ServerConfigurator):
             apache_server.root_of(self.config),
             getattr(self.config, "apache_challenge_location", None))
         # None: not a Debian-style layout (no conf-enabled/): certbot's own, per lineage.
-        return served_by(self.ref(), self.config, root) if root is not None else None
+        return ServedBy.for_lineage(self.ref(), self.config, root) if root is not None else None
 
     # -- Plugin -----------------------------------------------------------------------
     def prepare(self) -> None:

@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 
 from certbot import errors
 
-from certbot_batch.challenges.http01 import ServedBy, served_by, server_for_run
+from certbot_batch.challenges.http01 import ServedBy, server_for_run
 from certbot_batch.deploy import reload
 from certbot_batch.plugins.server import ServerConfigurator
 from certbot_batch.servers import nginx as nginx_server
@@ -58,7 +58,7 @@ class BatchNginxConfigurator(ServerConfigurator):
                            "HTTP; using certbot's own nginx authenticator for them",
                            ", ".join(unserved))
             return None
-        return served_by(self.ref(), self.config)
+        return ServedBy.for_lineage(self.ref(), self.config)
 
     # -- Plugin -----------------------------------------------------------------------
     def prepare(self) -> None:

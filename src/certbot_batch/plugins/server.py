@@ -32,17 +32,6 @@ from certbot_batch.servers.base import ServerRef
 logger = logging.getLogger(__name__)
 
 
-def stock_class(name: str, not_installed: str) -> Any:
-    """certbot's own plugin ``name``, found through its public plugin entry point."""
-    for ep in importlib.metadata.entry_points(group="certbot.plugins"):
-        if ep.name == name:
-            try:
-                return ep.load()
-            except Exception as exc:  # a broken optional dependency (augeas) must not crash
-                raise errors.NoInstallationError(f"{not_installed} ({exc})") from exc
-    raise errors.NoInstallationError(not_installed)
-
-
 # certbot < 1.x... 2.0 has no common.Configurator (Installer + Authenticator in one).
 _Configurator: Any = getattr(common, "Configurator", None)
 if _Configurator is None:
@@ -82,7 +71,15 @@ class ServerConfigurator(_Configurator):  # type: ignore[misc,valid-type]
 
     @classmethod
     def stock_class(cls) -> Any:
-        return stock_class(cls.STOCK, cls.NOT_INSTALLED)
+        """certbot's own plugin of this server, found through its public plugin entry
+        point."""
+        for ep in importlib.metadata.entry_points(group="certbot.plugins"):
+            if ep.name == cls.STOCK:
+                try:
+                    return ep.load()
+                except Exception as exc:  # a broken optional dependency (augeas): no crash
+                    raise errors.NoInstallationError(f"{cls.NOT_INSTALLED} ({exc})") from exc
+        raise errors.NoInstallationError(cls.NOT_INSTALLED)
 
     # -- helpers ------------------------------------------------------------------------
     def delegate(self) -> Any:

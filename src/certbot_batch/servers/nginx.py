@@ -620,7 +620,6 @@ class NginxServer(Server):
     def endpoints(self) -> dict[str, list[Endpoint]]:
         return endpoints_of(self.walk())
 
-
     # -- http-01 challenges ----------------------------------------------------------------
     SNIPPET_NAME = SNIPPET_NAME
 
